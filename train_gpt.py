@@ -1,0 +1,1381 @@
+"""Train GPTs with enforced Lipschitz constants, in one file.
+
+The architecture of Newhouse et al., "Training Transformers with Enforced Lipschitz
+Constants" (arXiv 2507.13338): no LayerNorm, no QK-norm, no logit softcap, no biases.
+Stability comes from the weights: convex residual blocks, 1/d attention, scaled GELU and
+output projections, Muon updates of known spectral norm, and after every step a projection
+that keeps each matrix's RMS->RMS norm sqrt(d_in/d_out) * sigma_max(W) at most w_max.
+`lipschitz_bound.py` turns a checkpoint of this script into a certified Lipschitz bound.
+
+Recipes
+  python data/shakespeare_char.py                          # char-level shards + meta.json
+  python train_gpt.py --config configs/quickstart.toml     # ~3 minutes on a 2-core CPU
+  python train_gpt.py --config configs/shakespeare_char.toml --w_max 2 --constraint soft_cap
+  python data/cached_fineweb10B.py 8                       # 800M GPT-2 tokens of FineWeb
+  torchrun --standalone --nproc_per_node=8 train_gpt.py --config configs/nanogpt_145m.toml
+  python train_gpt.py --help                               # every key, its default, its meaning
+
+Precedence of settings: command line > --config TOML file > defaults below (the paper's 145M
+NanoGPT run). One process runs without a process group; under torchrun the global batch
+(in tokens) is fixed and gradient accumulation is derived from the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Architecture constants (shared with lipschitz_bound.py, which imports them)
+
+# max_x d/dx GELU(x) = Phi(sqrt 2) + sqrt 2 * phi(sqrt 2) = 1.12890...; the paper rounds it to
+# 1.1289. Dividing by the exact value makes gelu(x) / GELU_MAX_SLOPE 1-Lipschitz.
+GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
+# Attention output is W_o (y / 3): the paper's factor that makes the attention map 1-Lipschitz
+# at unit input norm (|dF| <= |dv| + |v|(|dq||k| + |q||dk|) <= 3 |dx| for unit-norm q, k, v).
+ATTN_OUT_FACTOR = 1.0 / 3.0
+ROPE_BASE = 10000.0
+
+
+def residual_weight(n_layer: int) -> float:
+    """Weight a of each convex residual x <- (1 - a) x + a f(x): 1/(2L) over 2L sub-blocks."""
+    return 1.0 / (2 * n_layer)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: every hyperparameter, typed, with the paper's 145M run as defaults
+
+CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_hammer|soft_cap|hard_cap|hard_cap_poly|stiefel|svd_clip"
+
+
+@dataclass
+class Config:
+    # model
+    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's) or baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals)"})
+    vocab_size: int = field(default=50304, metadata={"help": "vocabulary size (GPT-2's 50257 padded to 50304); must exceed every token id"})
+    n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads"})
+    d_model: int = field(default=768, metadata={"help": "residual width"})
+    mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width = mlp_ratio * d_model"})
+    seq_len: int = field(default=1024, metadata={"help": "context length (RoPE tables are built for it)"})
+    softmax_scale: float = field(default=24.0, metadata={"help": "s in softmax(s q k^T / d_head): the published 145M scripts use 24 at w_max 1"})
+    final_scale: float = field(default=1.0, metadata={"help": "logits are multiplied by this"})
+    emb_w_max: float = field(default=1.0, metadata={"help": "cap on each embedding row's RMS norm"})
+    head_w_max: float = field(default=1.0, metadata={"help": "cap on the head's RMS->RMS norm"})
+    head_spectral: bool = field(default=True, metadata={"help": "true: the head is a Muon matrix under the chosen constraint; false: Adam with rows projected to RMS <= head_w_max"})
+    logit_softcap: float = field(default=15.0, metadata={"help": "baseline arch only: logits = c tanh(logits / c)"})
+    # optimization
+    optimizer: str = field(default="muon", metadata={"help": "muon or adamw, for the hidden matrices and the head"})
+    constraint: str = field(default="soft_cap", metadata={"help": f"projection after every step: {CONSTRAINTS_DOC}"})
+    w_max: float = field(default=1.0, metadata={"help": "cap on every hidden matrix's RMS->RMS norm (sigma_max)"})
+    wd: float = field(default=0.0, metadata={"help": "strength of weight_decay (lr-coupled) and spectral_wd"})
+    power_iters: int = field(default=4, metadata={"help": "warm-started power iterations per step for sigma_1 (32 on the first step)"})
+    qk_clip_tau: float = field(default=0.0, metadata={"help": "QK-Clip threshold on the per-head max attention logit; 0 = off"})
+    num_steps: int = field(default=1770, metadata={"help": "optimizer steps"})
+    batch_tokens: int = field(default=393216, metadata={"help": "global batch in tokens per step (all ranks, all micro-steps)"})
+    micro_batch_tokens: int = field(default=49152, metadata={"help": "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)"})
+    lr_hidden: float = field(default=0.05, metadata={"help": "learning rate (RMS->RMS update norm for Muon) of hidden matrices"})
+    lr_head: float = field(default=0.005, metadata={"help": "learning rate of the head"})
+    lr_embed: float = field(default=0.1, metadata={"help": "Adam learning rate of the embedding"})
+    adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1 (embedding; AdamW matrices)"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    adam_eps: float = field(default=1e-10, metadata={"help": "Adam epsilon"})
+    momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
+    momentum_warmup_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
+    momentum_warmup_steps: int = field(default=300, metadata={"help": "steps of linear momentum warm-up"})
+    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz (Polar Express) steps for Muon's orthogonalization"})
+    cooldown_frac: float = field(default=0.4, metadata={"help": "fraction of steps, at the end, of linear lr decay"})
+    final_lr_frac: float = field(default=0.1, metadata={"help": "lr multiplier reached at the last step"})
+    seed: int = field(default=0, metadata={"help": "seed of init and data order"})
+    # data
+    train_bin: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards"})
+    val_bin: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
+    val_tokens: int = field(default=10485760, metadata={"help": "validation tokens per eval (rounded down to whole windows)"})
+    # runtime
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="bf16", metadata={"help": "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
+    eval_every: int = field(default=125, metadata={"help": "evaluate every N steps and at the end (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "print a training line every N steps"})
+    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: none)"})
+    keep_last: int = field(default=2, metadata={"help": "periodic checkpoints to keep"})
+    resume: str = field(default="", metadata={"help": "'latest' (newest checkpoint in the run dir) or a checkpoint path"})
+    run_name: str = field(default="", metadata={"help": "run directory name under logs/ (default: derived from the settings and the time)"})
+    out_dir: str = field(default="", metadata={"help": "run directory (default logs/<run_name>)"})
+    debug: bool = field(default=False, metadata={"help": "check that weights are identical across ranks at every eval"})
+    wandb: bool = field(default=False, metadata={"help": "log metrics to Weights & Biases (rank 0)"})
+    wandb_project: str = field(default="lipschitz-transformers", metadata={"help": "W&B project"})
+
+
+ARCH_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "head_spectral")
+CHOICES = {
+    "arch": ("lipschitz", "baseline"),
+    "optimizer": ("muon", "adamw"),
+    "constraint": tuple(CONSTRAINTS_DOC.split("|")),
+    "dtype": ("bf16", "fp32"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, typ, value, source: str):
+    """Check a value's type against the dataclass field (ints are accepted for floats)."""
+    typ = {"int": int, "float": float, "str": str, "bool": bool}[typ] if isinstance(typ, str) else typ
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: '{name}' must be of type {typ.__name__}, got {value!r}")
+
+
+def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config:
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    known = {f.name: f.type for f in fields(Config)}
+    for k, v in d.items():
+        if k not in known:
+            close = [n for n in known if n.startswith(k[:4])]
+            raise ConfigError(f"{source}: unknown key '{k}'" + (f" (did you mean {', '.join(close)}?)" if close else "") + "; see python train_gpt.py --help")
+        setattr(cfg, k, _coerce(k, known[k], v, source))
+    return cfg
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a GPT with enforced Lipschitz constants (Newhouse et al. 2025). "
+        "Settings: command line > --config file > these defaults (the paper's 145M run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
+    for f in fields(Config):
+        p.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    args = build_arg_parser().parse_args(argv)
+    cfg = Config()
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: no such file")
+        try:
+            with open(args.config, "rb") as fh:
+                table = tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {args.config}: not valid TOML ({e})") from None
+        cfg = config_from_dict(table, args.config)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    cfg = config_from_dict(overrides, "command line", base=cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Every error a config can have, found before any data is read or any kernel compiled."""
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise ConfigError(f"{k}={getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
+    positive = ["vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "seq_len", "num_steps", "batch_tokens",
+                "micro_batch_tokens", "w_max", "emb_w_max", "head_w_max", "final_scale", "softmax_scale", "ns_steps",
+                "lr_hidden", "lr_head", "lr_embed", "keep_last"]
+    for k in positive:
+        v = getattr(cfg, k)
+        if not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("cooldown_frac", "final_lr_frac", "momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, k) <= 1.0:
+            raise ConfigError(f"{k} must be in [0, 1], got {getattr(cfg, k)}")
+    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
+        raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head} with an even head size (RoPE)")
+    if cfg.micro_batch_tokens % cfg.seq_len:
+        raise ConfigError(f"micro_batch_tokens={cfg.micro_batch_tokens} must be a multiple of seq_len={cfg.seq_len}")
+    if cfg.optimizer == "adamw" and cfg.constraint == "soft_cap":
+        raise ConfigError("soft_cap needs a bound on each update's spectral norm, which Muon gives and AdamW does not; "
+                          "use --optimizer muon, or another constraint (spectral_hammer, weight_decay, hard_cap, ...) with adamw")
+    if cfg.constraint in ("weight_decay", "spectral_wd") and cfg.wd == 0:
+        raise ConfigError(f"constraint {cfg.constraint} needs --wd > 0")
+    if cfg.wd > 0 and cfg.constraint not in ("weight_decay", "spectral_wd"):
+        raise ConfigError(f"--wd {cfg.wd} is only used by constraint weight_decay or spectral_wd, not {cfg.constraint}")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    per_step = world_size * cfg.micro_batch_tokens
+    if cfg.batch_tokens % per_step:
+        raise ConfigError(
+            f"batch_tokens={cfg.batch_tokens} is not divisible by world_size x micro_batch_tokens = "
+            f"{world_size} x {cfg.micro_batch_tokens} = {per_step}; pick batch_tokens a multiple of {per_step} "
+            f"or a micro_batch_tokens that divides {cfg.batch_tokens // world_size if cfg.batch_tokens % world_size == 0 else cfg.batch_tokens}")
+    return cfg.batch_tokens // per_step
+
+
+# -----------------------------------------------------------------------------
+# Numerical primitives: matrix sign (polar factor), power iteration, exact norms
+
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932) degree-5 coefficients for l = 1e-3 and
+# cushion 0.02407; rows 1-7 are then divided as p(x / 1.01) for rounding safety, the 8th row is the
+# classic convergent tail repeated for any further step. Any prefix is the optimal T-step map.
+_PE_RAW = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+]
+PE_SAFETY = 1.01
+POLAR_EXPRESS = [(a / PE_SAFETY, b / PE_SAFETY**3, c / PE_SAFETY**5) for a, b, c in _PE_RAW] + [(1.875, -1.25, 0.375)]
+MSIGN_EXACT_STEPS = 12  # fp32 msign for the hard cap / Stiefel: converged for normalized sigma >= 1e-4
+BF16_NS_MARGIN = 0.02   # measured bf16 noise on NS outputs is ~0.6% (primitives.md 1.4); budget 2%
+
+
+def ns_coefficients(steps: int) -> list[tuple[float, float, float]]:
+    return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
+
+
+def ns_max_stretch(steps: int) -> float:
+    """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
+
+    Derived, not copied: the composite odd polynomial evaluated in float64 on a grid of spacing
+    1e-6, plus the grid's worst-case miss (spacing x the composite's largest slope)."""
+    x = np.linspace(0.0, 1.0, 1_000_001)
+    y, dy = x.copy(), np.ones_like(x)
+    for a, b, c in ns_coefficients(steps):
+        dy = dy * (a + 3 * b * y**2 + 5 * c * y**4)
+        y = a * y + b * y**3 + c * y**5
+    return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
+
+
+def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
+
+    Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]); the additive
+    1e-30 keeps an all-zero matrix at zero without flooring tiny ones."""
+    transpose = G.size(-2) > G.size(-1)
+    X = G.mT if transpose else G
+    X = X.float()
+    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
+    for a, b, c in ns_coefficients(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    X = X.float()
+    return X.mT if transpose else X
+
+
+def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
+    """Top singular triplet estimate of each matrix in M (..., m, n) from start vectors v (..., n).
+
+    Returns (u, sigma, v). sigma = u^T M v is a lower estimate of sigma_max: use it to steer
+    projections, never in a certificate."""
+    M = M.float()
+    v = v.float()
+    for _ in range(max(iters, 1)):
+        u = F.normalize((M @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
+        v = F.normalize((M.mT @ u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
+    u = F.normalize((M @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
+    sigma = (u.unsqueeze(-2) @ M @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return u, sigma, v
+
+
+def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
+    """sigma_max of each matrix in W (..., m, n) from the float64 Gram matrix on the smaller side
+    (eigvalsh); relative error ~1e-13, used for logging and by the certificate."""
+    W = W.detach().double()
+    G = W @ W.mT if W.size(-2) <= W.size(-1) else W.mT @ W
+    return torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).sqrt()
+
+
+def rms_scale(W: torch.Tensor) -> float:
+    """sqrt(d_out / d_in): a matrix's RMS->RMS norm is sigma_max(W) / rms_scale(W)."""
+    return math.sqrt(W.size(-2) / W.size(-1))
+
+
+def soft_cap_alpha(w_max: float, max_update_norm: float, decay: float = 0.0) -> float:
+    """Strength of the spectral soft cap that keeps sigma <= w_max after a step (Theorem 3.1).
+
+    With k = w_max (1 - decay) + max_update_norm the largest reachable singular value, alpha is the
+    smallest root >= 0 of f(k) = w_max for f(x) = x - 3a^2 x^5 + 3a^3 x^7 - a^4 x^9, i.e. of
+    -k^9 a^4 + 3k^7 a^3 - 3k^5 a^2 + (k - w_max) = 0."""
+    k = w_max * (1.0 - decay) + max_update_norm
+    if k <= w_max:
+        return 0.0
+    roots = np.roots([-k**9, 3 * k**7, -3 * k**5, 0.0, k - w_max])
+    real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
+    if not real:  # f(k) = w_max has no root: k is beyond what two cubics can pull back
+        raise ValueError(f"soft cap cannot bring sigma = {k:.4g} back to w_max = {w_max}: lower the learning rate")
+    return float(real[0])
+
+
+# -----------------------------------------------------------------------------
+# Weight constraints: pure functions on the RMS->RMS-scaled matrices M (..., m, n)
+
+
+@dataclass
+class ProjArgs:
+    """What a constraint may use: cap, this step's lr and decay, soft-cap strength, and the
+    power-iteration triplet (u, sigma, v) of M for the methods that need it."""
+    w_max: float
+    lr: float = 0.0
+    wd: float = 0.0
+    alpha: float = 0.0
+    u: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+def _gram_apply(M: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """a M + b M M^T M, with the Gram matrix formed on the smaller side."""
+    if M.size(-2) <= M.size(-1):
+        return a * M + b * ((M @ M.mT) @ M)
+    return a * M + b * (M @ (M.mT @ M))
+
+
+def _rank1(p: ProjArgs) -> torch.Tensor:
+    return p.u.unsqueeze(-1) * p.v.unsqueeze(-2)
+
+
+def _bcast(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(-1).unsqueeze(-1)
+
+
+def c_none(M, p):
+    """No constraint."""
+    return M
+
+
+def c_weight_decay(M, p):
+    """Decoupled, lr-coupled weight decay: M <- (1 - lr wd) M."""
+    return M * (1.0 - p.lr * p.wd)
+
+
+def c_spectral_wd(M, p):
+    """Spectral weight decay: top singular value times (1 - wd)."""
+    return M - p.wd * _bcast(p.sigma) * _rank1(p)
+
+
+def c_spectral_normalize(M, p):
+    """Divide by max(1, sigma_1 / w_max)."""
+    return M / _bcast(torch.clamp(p.sigma / p.w_max, min=1.0))
+
+
+def c_spectral_hammer(M, p):
+    """Set the top singular value to w_max (one direction; no guarantee on the others)."""
+    return M + _bcast(p.w_max - p.sigma) * _rank1(p)
+
+
+def c_soft_cap(M, p):
+    """Two odd cubics x - a x^3 then x + a x^3 on every singular value (alpha from the coupling)."""
+    if p.alpha == 0.0:
+        return M
+    M = _gram_apply(M, 1.0, -p.alpha)
+    return _gram_apply(M, 1.0, p.alpha)
+
+
+def c_hard_cap(M, p):
+    """Exact min(sigma, w_max) on every singular value, via the de-nested msign formula
+    mclip(X) = (X + O + msign(X X^T - I)(O - X)) / 2, O = msign(X), X = M / w_max (Su, mclip v2)."""
+    wide = M.size(-2) <= M.size(-1)
+    X = (M if wide else M.mT).float() / p.w_max
+    O = msign(X, MSIGN_EXACT_STEPS, torch.float32)
+    eye = torch.eye(X.size(-2), device=X.device, dtype=X.dtype)
+    S = msign(X @ X.mT - eye, MSIGN_EXACT_STEPS, torch.float32)
+    Y = 0.5 * (X + O + S @ (O - X)) * p.w_max
+    return Y if wide else Y.mT
+
+
+# The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
+# X = M / w_max without normalization. Max error 0.034 on [0, 1.5]; it stays <= 1.011 for
+# sigma <= 3.5 w_max and diverges beyond ~4 w_max, so larger inputs are refused.
+HARD_CAP_POLY = [(0.805032, 0.206361, -0.019763), (0.649867, 0.162935, -0.011150),
+                 (1.810259, -0.200265, 0.008251), (1.004384, -0.183490, 0.014413)]
+HARD_CAP_POLY_MAX_INPUT = 3.0  # sigma / w_max, with margin below 3.5 for the power-iteration estimate
+
+
+def c_hard_cap_poly(M, p):
+    """The paper's fixed hard-cap polynomial (reproduction only; valid for sigma <= 3 w_max)."""
+    ratio = float((p.sigma / p.w_max).max())
+    if ratio > HARD_CAP_POLY_MAX_INPUT:
+        raise ValueError(f"hard_cap_poly is only valid for sigma_max <= {HARD_CAP_POLY_MAX_INPUT} w_max, got ~{ratio:.3g} w_max; "
+                         "use constraint hard_cap (exact) instead")
+    X = M.float() / p.w_max
+    for a, b, c in HARD_CAP_POLY:
+        if X.size(-2) <= X.size(-1):
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+        else:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+    return X * p.w_max
+
+
+def c_stiefel(M, p):
+    """All singular values to w_max: w_max msign(M)."""
+    return msign(M, MSIGN_EXACT_STEPS, torch.float32) * p.w_max
+
+
+def c_svd_clip(M, p):
+    """Exact reference: SVD, clip singular values at w_max, recompose (float64)."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return ((U * S.clamp(max=p.w_max).unsqueeze(-2)) @ Vh).to(M.dtype)
+
+
+CONSTRAINTS = {
+    "none": c_none, "weight_decay": c_weight_decay, "spectral_wd": c_spectral_wd,
+    "spectral_normalize": c_spectral_normalize, "spectral_hammer": c_spectral_hammer,
+    "soft_cap": c_soft_cap, "hard_cap": c_hard_cap, "hard_cap_poly": c_hard_cap_poly,
+    "stiefel": c_stiefel, "svd_clip": c_svd_clip,
+}
+NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer", "hard_cap_poly"}
+# Methods after which sigma_max <= w_max holds (up to numerics): the certificate may rely on them.
+GUARANTEED = {"spectral_normalize", "soft_cap", "hard_cap", "stiefel", "svd_clip"}
+assert set(CONSTRAINTS) == set(CHOICES["constraint"])
+
+
+def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
+    """Divide each row by max(1, RMS(row) / cap): embedding rows (and a non-spectral head)."""
+    rms = W.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return W / torch.clamp(rms / cap, min=1.0).to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: Muon or AdamW on matrices, then the constraint; sharded over ranks
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Muon (Nesterov momentum, Polar-Express orthogonalization, update of RMS->RMS norm lr) or
+    AdamW for 2-D (and stacked 3-D) weights, followed by the weight constraint of each group.
+
+    Same-shaped matrices of a group are stacked and processed in one batched call. Under
+    torch.distributed, matrix i of a stack is owned by rank i % world: the owner computes its
+    update and projection, then the new weights and power-iteration vectors are all-gathered,
+    so every rank ends the step with bitwise identical weights. Momentum and Adam moments live
+    on the owner only; `full_state_dict` collects them for checkpoints."""
+
+    def __init__(self, params_groups, kind: str, constraint: str, w_max: float, wd: float = 0.0,
+                 momentum: float = 0.95, ns_steps: int = 5, power_iters: int = 4,
+                 betas=(0.9, 0.95), eps: float = 1e-10):
+        defaults = dict(lr=0.0, w_max=w_max, constraint=constraint, momentum=momentum)
+        super().__init__(params_groups, defaults)
+        self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
+        self.betas, self.eps = betas, eps
+        self.max_stretch = ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)
+
+    def _stacks(self, group):
+        """Params of a group by shape, in a fixed order (a 3-D param is a stack of matrices)."""
+        by_shape: dict[tuple, list] = {}
+        for p in group["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        return list(by_shape.items())
+
+    def _start_vector(self, p, idx):
+        g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
+        return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
+
+    def max_update_norm(self, lr: float) -> float:
+        """Worst-case RMS->RMS norm of one update: lr x the NS polynomial's largest stretch."""
+        return lr * self.max_stretch
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = dist_info()
+        pid = 0
+        for group in self.param_groups:
+            for shape, params in self._stacks(group):
+                mine = params[rank::world]
+                if mine:
+                    new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
+                if world > 1:
+                    self._all_gather(params, new_w if mine else None, new_v if mine else None, rank, world)
+                else:
+                    for p, w in zip(params, new_w):
+                        p.copy_(w)
+                    if new_v is not None:
+                        for p, v in zip(params, new_v):
+                            self.state[p]["v"] = v
+                pid += len(params)
+
+    def _all_gather(self, params, new_w, new_v, rank, world):
+        K = -(-len(params) // world)
+        ref = params[0]
+        buf = torch.zeros((K,) + tuple(ref.shape), device=ref.device, dtype=ref.dtype)
+        if new_w is not None:
+            buf[: len(new_w)] = torch.stack(new_w)
+        out = torch.empty((world * K,) + tuple(ref.shape), device=ref.device, dtype=ref.dtype)
+        dist.all_gather_into_tensor(out, buf)
+        for i, p in enumerate(params):
+            p.copy_(out[(i % world) * K + i // world])
+        if self.param_groups[0]["constraint"] in NEEDS_POWER_ITERATION:
+            vshape = tuple(ref.shape[:-2]) + (ref.size(-1),)
+            vbuf = torch.zeros((K,) + vshape, device=ref.device)
+            if new_v is not None:
+                vbuf[: len(new_v)] = torch.stack(new_v)
+            vout = torch.empty((world * K,) + vshape, device=ref.device)
+            dist.all_gather_into_tensor(vout, vbuf)
+            for i, p in enumerate(params):
+                self.state[p]["v"] = vout[(i % world) * K + i // world].clone()
+
+    def _update(self, params, group, ids):
+        lr = group["lr"]
+        W = torch.stack([p for p in params]).float()
+        G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+        states = [self.state[p] for p in params]
+        if self.kind == "muon":
+            mu = group["momentum"]
+            for s, g in zip(states, G):
+                s.setdefault("momentum_buffer", torch.zeros_like(g))
+            buf = torch.stack([s["momentum_buffer"] for s in states])
+            buf.lerp_(G, 1 - mu)
+            upd = msign(G.lerp(buf, mu), self.ns_steps)  # Nesterov
+            for s, b in zip(states, buf):
+                s["momentum_buffer"] = b
+            W = W - (lr * rms_scale(W)) * upd
+        else:  # adamw: the decay is the constraint 'weight_decay'
+            b1, b2 = self.betas
+            for s, g in zip(states, G):
+                if "exp_avg" not in s:
+                    s["exp_avg"], s["exp_avg_sq"], s["t"] = torch.zeros_like(g), torch.zeros_like(g), 0
+            m = torch.stack([s["exp_avg"] for s in states]).lerp_(G, 1 - b1)
+            v2 = torch.stack([s["exp_avg_sq"] for s in states]).mul_(b2).addcmul_(G, G, value=1 - b2)
+            t = states[0]["t"] + 1
+            upd = (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + self.eps)
+            for s, mi, vi in zip(states, m, v2):
+                s["exp_avg"], s["exp_avg_sq"], s["t"] = mi, vi, t
+            W = W - lr * upd
+        return self._project(W, params, states, group, ids)
+
+    def _project(self, W, params, states, group, ids):
+        name, w_max = group["constraint"], group["w_max"]
+        scale = rms_scale(W)
+        M = W / scale
+        args = ProjArgs(w_max=w_max, lr=group["lr"], wd=self.wd)
+        new_v = None
+        if name in NEEDS_POWER_ITERATION:
+            cold = "v" not in states[0]
+            v0 = torch.stack([self._start_vector(p, i) if cold else s["v"] for p, s, i in zip(params, states, ids)])
+            args.u, args.sigma, args.v = power_iteration(M, v0, 32 if cold else self.power_iters)
+            new_v = list(args.v)
+        if name == "soft_cap":
+            args.alpha = soft_cap_alpha(w_max, self.max_update_norm(group["lr"]) if self.kind == "muon" else 0.0)
+        M = CONSTRAINTS[name](M.float(), args)
+        return list((M * scale).to(W.dtype)), new_v
+
+    def full_state_dict(self) -> dict:
+        """Optimizer state of every matrix, collected from its owner rank (collective call)."""
+        rank, world = dist_info()
+        out = {}
+        pid = 0
+        for group in self.param_groups:
+            for shape, params in self._stacks(group):
+                for i, p in enumerate(params):
+                    owner = i % world
+                    st = self.state.get(p, {})
+                    names = sorted(k for k in ("momentum_buffer", "exp_avg", "exp_avg_sq", "v") if k in st or world > 1)
+                    entry = {}
+                    for k in names:
+                        if k == "v" and group["constraint"] not in NEEDS_POWER_ITERATION:
+                            continue
+                        if k == "momentum_buffer" and self.kind != "muon":
+                            continue
+                        if k in ("exp_avg", "exp_avg_sq") and self.kind != "adamw":
+                            continue
+                        t = st.get(k)
+                        if world > 1:
+                            have = torch.tensor([t is not None and rank == owner], device=p.device, dtype=torch.int32)
+                            dist.broadcast(have, src=owner)
+                            if not have.item():
+                                continue
+                            shp = p.shape if k != "v" else tuple(p.shape[:-2]) + (p.size(-1),)
+                            t = t if rank == owner else torch.empty(shp, device=p.device)
+                            dist.broadcast(t, src=owner)
+                        if t is not None:
+                            entry[k] = t.detach().cpu().clone()
+                    if "t" in st:
+                        entry["t"] = st["t"]
+                    out[str(pid)] = entry
+                    pid += 1
+        return {"state": out, "lrs": [g["lr"] for g in self.param_groups]}
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        pid = 0
+        for group in self.param_groups:
+            for shape, params in self._stacks(group):
+                for p in params:
+                    entry = sd["state"].get(str(pid), {})
+                    self.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
+                    pid += 1
+
+
+# -----------------------------------------------------------------------------
+# Model: Lipschitz GPT (and the baseline with norms put back)
+
+
+def rope_tables(seq_len: int, head_dim: int):
+    inv = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) of the two halves of each head: an orthogonal map, so Lipschitz-neutral."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[None, : x.size(1), None, :], sin[None, : x.size(1), None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.baseline = cfg.arch == "baseline"
+        # 1/d_head scaling (Lipschitz) or 1/sqrt(d_head) (baseline)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if self.baseline else cfg.softmax_scale / self.head_dim
+        self.out_factor = 1.0 if self.baseline else ATTN_OUT_FACTOR
+        self.qkv = nn.Parameter(torch.empty(3, cfg.d_model, cfg.d_model))  # W_q, W_k, W_v: (d_out, d_in)
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_model))
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.zeros(cfg.n_head), persistent=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = F.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if self.baseline:
+            q, k = rms_norm(q), rms_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.track_max_logit:
+            self._record_max_logit(q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.linear(y * self.out_factor, self.proj)
+
+    @torch.no_grad()
+    def _record_max_logit(self, q, k):
+        """Largest causal attention logit per head (for QK-Clip), as a running max."""
+        T = q.size(2)
+        s = (q.float() @ k.float().mT) * self.scale
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        self.max_logit.copy_(torch.maximum(self.max_logit, s.amax(dim=(0, 2, 3))))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Parameter(torch.empty(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.mlp_ratio * cfg.d_model))
+        self.div = 1.0 if cfg.arch == "baseline" else GELU_MAX_SLOPE
+
+    def forward(self, x):
+        return F.linear(F.gelu(F.linear(x, self.fc)) / self.div, self.proj)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.baseline = cfg.arch == "baseline"
+        self.a = residual_weight(cfg.n_layer)
+
+    def forward(self, x, cos, sin, acts=None):
+        for f in (lambda h: self.attn(h, cos, sin), self.mlp):
+            if self.baseline:
+                x = x + f(rms_norm(x))
+            else:
+                x = (1 - self.a) * x + self.a * f(x)
+            if acts is not None:
+                acts.append(x.detach())
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.d_model))
+        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Paper init: q, k, v and W_in orthogonal at RMS->RMS norm min(1, w_max); output
+        projections and head zero; embedding rows Gaussian, projected to RMS <= emb_w_max."""
+        cfg = self.cfg
+        gain = 1.0 if cfg.constraint == "none" else min(1.0, cfg.w_max)
+        for b in self.blocks:
+            for W in list(b.attn.qkv) + [b.mlp.fc]:
+                nn.init.orthogonal_(W)
+                W.mul_(gain * rms_scale(W))
+            b.attn.proj.zero_()
+            b.mlp.proj.zero_()
+        nn.init.normal_(self.embed.weight)
+        self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
+        self.head.zero_()
+
+    def hidden_matrices(self):
+        return [p for b in self.blocks for p in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+
+    def forward(self, idx, targets=None, acts=None):
+        cfg = self.cfg
+        T = idx.size(1)
+        if T > self.rope_cos.size(0):
+            raise ValueError(f"sequence of {T} tokens is longer than seq_len={self.rope_cos.size(0)} (the RoPE tables)")
+        x = self.embed(idx)
+        if acts is not None:
+            acts.append(x.detach())
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin, acts)
+        if cfg.arch == "baseline":
+            x = rms_norm(x)
+        logits = F.linear(x, self.head).float() * cfg.final_scale
+        if cfg.arch == "baseline":
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# -----------------------------------------------------------------------------
+# Data: the speedrun's .bin shards (256 int32 header, then uint16 tokens)
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(ValueError):
+    pass
+
+
+def write_shard(path: str, tokens) -> None:
+    """Write tokens (any int array, values < 2**16) as a shard, atomically."""
+    toks = np.asarray(tokens)
+    if toks.size and (toks.min() < 0 or toks.max() >= 2**16):
+        raise DataError(f"{path}: token ids must be in [0, 65535] for uint16 shards")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, toks.size
+    atomic_write_bytes(path, header.tobytes() + toks.astype(np.uint16).tobytes())
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Memory-map a shard's tokens after checking its header and length."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            raw = fh.read(HEADER_INTS * 4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e})") from None
+    if len(raw) < HEADER_INTS * 4:
+        raise DataError(f"{path}: truncated shard header ({len(raw)} of {HEADER_INTS * 4} bytes)")
+    header = np.frombuffer(raw, dtype=np.int32)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}): not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if n < 0 or size != expected:
+        raise DataError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes: truncated or corrupt; re-create it")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def find_shards(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"no {what} shards match '{pattern}': prepare the data first "
+                        "(python data/shakespeare_char.py, or python data/cached_fineweb10B.py N) or fix --{what}_bin")
+    return files
+
+
+def check_token_range(toks: torch.Tensor, vocab_size: int, where: str) -> None:
+    top = int(toks.max())
+    if top >= vocab_size:
+        raise DataError(f"{where}: token id {top} >= vocab_size {vocab_size}; the data and the config disagree "
+                        "(set vocab_size from the data's meta.json)")
+
+
+class TrainLoader:
+    """Random windows of seq_len + 1 tokens from all shards, drawn from one seeded generator on
+    every rank: the global batch of a step is the same whatever the world size, and each rank
+    and micro-step takes its own rows. The generator's state is the loader's resume position."""
+
+    def __init__(self, pattern: str, seq_len: int, vocab_size: int, seed: int):
+        self.files = find_shards(pattern, "train")
+        self.shards = [read_shard(f) for f in self.files]
+        self.T, self.vocab = seq_len, vocab_size
+        starts = [max(len(s) - seq_len, 0) for s in self.shards]
+        if sum(starts) == 0:
+            raise DataError(f"train shards '{pattern}' hold fewer than seq_len + 1 = {seq_len + 1} tokens")
+        self.cum = torch.tensor(np.cumsum(starts), dtype=torch.int64)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self, rows: int, rank: int, world: int, accum: int, device):
+        """Draw one step's global batch (rows per micro-batch per rank) and return this rank's
+        `accum` micro-batches as (x, y) pairs."""
+        total = rows * world * accum
+        pos = torch.randint(int(self.cum[-1]), (total,), generator=self.gen)
+        out = []
+        for a in range(accum):
+            lo = (a * world + rank) * rows
+            batch = []
+            for p in pos[lo: lo + rows].tolist():
+                i = int(torch.searchsorted(self.cum, p, right=True))
+                off = p - (int(self.cum[i - 1]) if i else 0)
+                batch.append(torch.from_numpy(self.shards[i][off: off + self.T + 1].astype(np.int64)))
+                if int(batch[-1].max()) >= self.vocab:
+                    check_token_range(batch[-1], self.vocab, self.files[i])
+            b = torch.stack(batch).to(device, non_blocking=True)
+            out.append((b[:, :-1], b[:, 1:]))
+        return out
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, sd):
+        self.gen.set_state(sd["gen"])
+
+
+def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """The first n_tokens (whole windows of seq_len) of the validation shards, range-checked."""
+    chunks, have = [], 0
+    for f in find_shards(pattern, "val"):
+        t = torch.from_numpy(read_shard(f)[: n_tokens + 1 - have].astype(np.int64))
+        check_token_range(t, vocab_size, f) if t.numel() else None
+        chunks.append(t)
+        have += t.numel()
+        if have >= n_tokens + 1:
+            break
+    toks = torch.cat(chunks)
+    n_win = (toks.numel() - 1) // seq_len
+    if n_win == 0:
+        raise DataError(f"val shards '{pattern}' hold fewer than seq_len + 1 = {seq_len + 1} tokens")
+    return toks[: n_win * seq_len + 1]
+
+
+# -----------------------------------------------------------------------------
+# Files: atomic writes, checkpoints (weights_only loadable), logs
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(d: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill at any moment leaves the old file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint of this repo with weights_only=True (no pickled code runs)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated zips / pickles that need code
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint of this repo ({msg})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected a dict with 'model' and 'config')")
+    return ck
+
+
+def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
+    try:
+        return config_from_dict(ck["config"], f"{path} config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, dict]:
+    """Rebuild the model of a checkpoint from its saved config; needs nothing else."""
+    ck = load_checkpoint(path, map_location)
+    cfg = config_from_checkpoint(ck, path)
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model, cfg, ck
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    paths = glob.glob(os.path.join(run_dir, "ckpt_step*.pt"))
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[9:-3]))
+
+
+def system_info() -> str:
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}",
+             f"host {platform.node()}, {platform.platform()}, {os.cpu_count()} cpus"]
+    if torch.cuda.is_available():
+        lines.append(f"cuda {torch.version.cuda}: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    with contextlib.suppress(Exception):
+        lines.append("git " + subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip())
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Flat, then linear decay to final_lr_frac over the last cooldown_frac of the steps."""
+    t = step / cfg.num_steps
+    if t < 1 - cfg.cooldown_frac:
+        return 1.0
+    w = (1 - t) / cfg.cooldown_frac
+    return w + (1 - w) * cfg.final_lr_frac
+
+
+def momentum_at(step: int, cfg: Config) -> float:
+    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
+
+
+def build_optimizers(model: GPT, cfg: Config):
+    hidden = model.hidden_matrices()
+    groups = [dict(params=hidden, lr=cfg.lr_hidden, base_lr=cfg.lr_hidden, w_max=cfg.w_max)]
+    if cfg.head_spectral:
+        groups.append(dict(params=[model.head], lr=cfg.lr_head, base_lr=cfg.lr_head, w_max=cfg.head_w_max))
+    constraint = "none" if cfg.arch == "baseline" and cfg.constraint == "none" else cfg.constraint
+    mat = MatrixOptimizer(groups, kind=cfg.optimizer, constraint=constraint, w_max=cfg.w_max, wd=cfg.wd,
+                          momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
+                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    adam_groups = [dict(params=[model.embed.weight], lr=cfg.lr_embed, base_lr=cfg.lr_embed)]
+    if not cfg.head_spectral:
+        adam_groups.append(dict(params=[model.head], lr=cfg.lr_head, base_lr=cfg.lr_head))
+    adam = torch.optim.Adam(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            fused=next(model.parameters()).is_cuda)
+    return mat, adam
+
+
+@torch.no_grad()
+def project_rowwise(model: GPT, cfg: Config) -> None:
+    model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
+    if not cfg.head_spectral:
+        model.head.copy_(project_rows(model.head, cfg.head_w_max))
+
+
+@torch.no_grad()
+def qk_clip(model: GPT, tau: float) -> int:
+    """QK-Clip (Kimi K2): for each head whose max logit this step exceeded tau, scale its W_q and
+    W_k rows by sqrt(tau / S_max). Returns the number of heads clipped."""
+    n = 0
+    _, world = dist_info()
+    for b in model.blocks:
+        att = b.attn
+        S = att.max_logit.clone()
+        if world > 1:
+            dist.all_reduce(S, op=dist.ReduceOp.MAX)
+        D = att.head_dim
+        for h in torch.nonzero(S > tau).flatten().tolist():
+            g = math.sqrt(tau / float(S[h]))
+            att.qkv[0, h * D:(h + 1) * D].mul_(g)
+            att.qkv[1, h * D:(h + 1) * D].mul_(g)
+            n += 1
+        att.max_logit.zero_()
+    return n
+
+
+def matrix_norms(model: GPT) -> dict[str, float]:
+    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            out["embed.max_row_rms"] = float(p.detach().double().pow(2).mean(-1).sqrt().max())
+        elif name.endswith("qkv"):
+            for i, n in enumerate("qkv"):
+                out[f"{name[:-3]}{n}"] = float(spectral_norm_exact(p[i])) / rms_scale(p[i])
+        else:
+            out[name] = float(spectral_norm_exact(p)) / rms_scale(p)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int) -> dict:
+    """Val loss and accuracy over every rank's windows (all-reduced) and the largest activation
+    entry / RMS of the residual stream."""
+    rank, world = dist_info()
+    T = cfg.seq_len
+    n_win = (val.numel() - 1) // T
+    idx = list(range(rank, n_win, world))
+    stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms
+    model.eval()
+    for i in range(0, len(idx), rows):
+        w = torch.tensor(idx[i:i + rows])
+        pos = w[:, None] * T + torch.arange(T + 1)[None]
+        b = val[pos].to(device)
+        x, y = b[:, :-1], b[:, 1:]
+        acts = []
+        with autocast_ctx:
+            logits = model(x, acts=acts)
+        stats[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").double()
+        stats[1] += (logits.argmax(-1) == y).sum()
+        stats[2] += y.numel()
+        for a in acts:
+            a = a.float()
+            stats[3] = torch.maximum(stats[3], a.abs().max().double())
+            stats[4] = torch.maximum(stats[4], a.pow(2).mean(-1).sqrt().max().double())
+    model.train()
+    if world > 1:
+        dist.all_reduce(stats[:3])
+        dist.all_reduce(stats[3:], op=dist.ReduceOp.MAX)
+    return {"val_loss": float(stats[0] / stats[2]), "val_acc": float(stats[1] / stats[2]),
+            "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4])}
+
+
+def setup_distributed(cfg: Config):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        dev = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    else:
+        dev = cfg.device if cfg.device != "cuda" else f"cuda:{local_rank}"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device} but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", device_id=torch.device(dev) if dev.startswith("cuda") else None)
+    return rank, world, torch.device(dev)
+
+
+def default_run_name(cfg: Config) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.arch}_{cfg.optimizer}_{cfg.constraint}_w{cfg.w_max:g}_s{cfg.seed}_{stamp}"
+
+
+class Stopper:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: Config) -> dict:
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    accum = grad_accum_steps(cfg, world)
+    rows = cfg.micro_batch_tokens // cfg.seq_len
+
+    # run directory: resume into an existing one, or create a new one (never overwrite)
+    resume_path = ""
+    if cfg.resume:
+        if cfg.resume == "latest":
+            if not cfg.out_dir and not cfg.run_name:
+                raise ConfigError("--resume latest needs --run_name or --out_dir of the run to continue")
+            run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
+            ckpts = list_checkpoints(run_dir)
+            if not ckpts:
+                raise ConfigError(f"--resume latest: no ckpt_step*.pt in {run_dir}")
+            resume_path = ckpts[-1]
+        else:
+            resume_path = cfg.resume
+            run_dir = cfg.out_dir or os.path.dirname(os.path.abspath(resume_path))
+        ck = load_checkpoint(resume_path)
+        old = config_from_checkpoint(ck, resume_path)
+        changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + ("seq_len", "optimizer", "constraint")
+                   if getattr(old, k) != getattr(cfg, k)]
+        if changed:
+            raise ConfigError(f"--resume {resume_path}: the config changes the model ({'; '.join(changed)}); "
+                              "resume with the checkpoint's settings")
+        if "optimizers" not in ck:
+            raise ConfigError(f"--resume {resume_path}: a final checkpoint holds no optimizer state; resume from a ckpt_step*.pt")
+    else:
+        cfg.run_name = cfg.run_name or default_run_name(cfg)
+        run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
+        if master and os.path.exists(os.path.join(run_dir, "config.json")):
+            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume latest to continue it, "
+                              "or choose another --run_name / --out_dir")
+    cfg.out_dir = run_dir
+
+    # data (errors name the file) before any model or compile work
+    train_loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
+    val_tokens = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(device)
+    mat_opt, adam = build_optimizers(model, cfg)
+    step = 0
+    if resume_path:
+        model.load_state_dict(ck["model"])
+        mat_opt.load_full_state_dict(ck["optimizers"]["matrix"])
+        adam.load_state_dict(ck["optimizers"]["adam"])
+        train_loader.load_state_dict(ck["loader"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        step = int(ck["step"])
+        del ck
+    use_cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    autocast_ctx = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype == "bf16")
+    for b in model.blocks:
+        b.attn.track_max_logit = cfg.qk_clip_tau > 0
+    fwd = torch.compile(model) if (cfg.compile and use_cuda) else model
+
+    logf = None
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        logf = open(os.path.join(run_dir, "log.txt"), "a")
+        if not resume_path:
+            atomic_write_bytes(os.path.join(run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+            with open(os.path.abspath(__file__)) as src:
+                logf.write(src.read() + "\n" + "=" * 100 + "\n")
+        logf.write(system_info() + "\n")
+        logf.write(f"world_size:{world} grad_accum:{accum} rows_per_micro:{rows} resume:{resume_path or '-'}\n")
+        logf.flush()
+        print(f"run dir {run_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, world {world}, "
+              f"accum {accum}, device {device}, dtype {cfg.dtype}")
+    wandb_run = None
+    if master and cfg.wandb:
+        import wandb  # optional dependency, imported only when asked for
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow")
+
+    def log(line: str):
+        if master:
+            print(line, flush=True)
+            logf.write(line + "\n")
+            logf.flush()
+
+    last_ckpt = resume_path or "(none)"
+
+    def save(kind: str) -> str:
+        """'step': resumable checkpoint (pruned to keep_last); 'final': weights + config."""
+        nonlocal last_ckpt
+        model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        obj = {"model": model_sd, "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
+        if kind == "step":
+            obj["optimizers"] = {"matrix": mat_opt.full_state_dict(), "adam": adam.state_dict()}
+            obj["loader"] = train_loader.state_dict()
+            obj["rng"] = {"torch": torch.get_rng_state()}
+        path = os.path.join(run_dir, f"ckpt_step{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
+        if master:
+            if kind == "final" and os.path.exists(path):
+                raise FileExistsError(f"{path} exists; not overwriting")
+            atomic_torch_save(obj, path)
+            if kind == "step":
+                for old in list_checkpoints(run_dir)[: -cfg.keep_last]:
+                    os.remove(old)
+            last_ckpt = path
+        return path
+
+    def check_finite(loss_val: float):
+        bad = None if math.isfinite(loss_val) else "loss"
+        if bad is None:
+            for name, p in model.named_parameters():
+                if not torch.isfinite(p).all():
+                    bad = name
+                    break
+        if bad is not None:
+            raise TrainingDiverged(f"step {step}: non-finite {bad} (loss {loss_val}); stopped without writing anything. "
+                                   f"Last good checkpoint: {last_ckpt}")
+
+    def run_eval() -> dict:
+        m = evaluate(model, val_tokens, cfg, device, autocast_ctx, rows)
+        m["step"] = step
+        m["norms"] = matrix_norms(model)
+        if cfg.debug and world > 1:
+            for name, p in model.named_parameters():
+                ref = p.detach().clone()
+                dist.broadcast(ref, src=0)
+                if not torch.equal(ref, p.detach()):
+                    raise RuntimeError(f"step {step}: rank {rank} holds different {name} than rank 0")
+        return m
+
+    metrics = {}
+    train_loss = float("nan")
+    t_train, t0 = 0.0, time.perf_counter()
+    with Stopper() as stopper:
+        while True:
+            last = step == cfg.num_steps
+            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
+                metrics = run_eval()
+                metrics["train_loss"] = train_loss
+                n = metrics["norms"]
+                log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} "
+                    f"max_act_entry:{metrics['max_act_entry']:.4g} max_act_rms:{metrics['max_act_rms']:.4g} "
+                    f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}")
+                if master:
+                    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
+                    if wandb_run:
+                        wandb_run.log({k: v for k, v in metrics.items() if k != "norms"}, step=step)
+            if last:
+                break
+            # one optimizer step
+            if use_cuda:
+                torch.cuda.synchronize()
+            ts = time.perf_counter()
+            frac = lr_factor(step, cfg)
+            for g in mat_opt.param_groups:
+                g["lr"] = g["base_lr"] * frac
+                g["momentum"] = momentum_at(step, cfg)
+            for g in adam.param_groups:
+                g["lr"] = g["base_lr"] * frac
+            loss_sum = torch.zeros((), device=device)
+            for x, y in train_loader.next_batch(rows, rank, world, accum, device):
+                with autocast_ctx:
+                    loss = fwd(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            if world > 1:
+                handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+                handles.append(dist.all_reduce(loss_sum, async_op=True))
+                for h in handles:
+                    h.wait()
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(world)
+            mat_opt.step()
+            adam.step()
+            project_rowwise(model, cfg)
+            clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
+            model.zero_grad(set_to_none=True)
+            train_loss = float(loss_sum) / (accum * world)
+            step += 1
+            if use_cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - ts
+            t_train += dt
+            if not math.isfinite(train_loss) or (cfg.debug and step % max(cfg.log_every, 1) == 0):
+                check_finite(train_loss)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+                log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
+                    f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""))
+            stop = stopper.requested
+            if world > 1:
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps) or stop:
+                path = save("step")
+                if stop:
+                    log(f"stopped by signal at step {step}; resume with --resume {path}")
+                    if logf:
+                        logf.close()
+                    return {"stopped": True, "step": step, "checkpoint": path}
+    check_finite(train_loss if math.isfinite(train_loss) else 0.0)
+    final = save("final")
+    metrics["checkpoint"] = final
+    metrics["run_dir"] = run_dir
+    metrics["train_time_s"] = t_train
+    log(f"done in {time.perf_counter() - t0:.1f}s ({t_train:.1f}s training); checkpoint {final}")
+    if master:
+        import lipschitz_bound  # the certificate lives in its own standalone script
+        cert = lipschitz_bound.certify_checkpoint(final)
+        metrics["certificate"] = cert
+        log(lipschitz_bound.summary_line(cert))
+    if logf:
+        logf.close()
+    if wandb_run:
+        wandb_run.finish()
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_config(argv)
+        out = train(cfg)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0 if out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
