@@ -4,8 +4,8 @@
     python scripts/results_table.py logs/sweep_w/*/ --certify --out logs/sweep_w/results.md
 
 One row per setting; runs that differ only in seed (and in run-time keys such as out_dir or device)
-are one row showing mean +- sample std over seeds. Per run it reads config.json, the last line of
-metrics.jsonl (the final eval: val_loss, val_acc, max_act_entry, step) and certificate.json, the
+are one row showing mean +- sample std over seeds. Per run it reads config.json, the last eval
+line of metrics.jsonl (val_loss, val_acc, max_act_entry, step) and certificate.json, the
 output of `python lipschitz_bound.py RUN/ckpt_final.pt --mode all --json`. With --certify a missing
 certificate.json is computed from ckpt_final.pt (lipschitz_bound.certify_checkpoint) and saved.
 
@@ -77,10 +77,10 @@ def load_run(run_dir: str, certify: bool = False) -> dict:
         raise ResultsError(f"{run_dir}: no metrics.jsonl (the run has not reached an eval)")
     cfg = _read_json(cfg_path)
     with open(met_path) as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    if not lines:
-        raise ResultsError(f"{met_path} is empty")
-    final = json.loads(lines[-1])
+        evals = [rec for rec in (json.loads(ln) for ln in fh if ln.strip()) if "val_loss" in rec]
+    if not evals:
+        raise ResultsError(f"{met_path} holds no eval yet (no line with val_loss)")
+    final = evals[-1]  # train_gpt also logs training lines; the last eval is the final one
     finished = os.path.isfile(os.path.join(run_dir, "ckpt_final.pt"))
     cert = None
     cert_path = os.path.join(run_dir, CERT_FILE)
@@ -146,7 +146,7 @@ def fmt_bound(ms: tuple[float, float]) -> str:
 
 
 def fmt_tokens(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else f"{n:.0f}"
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else f"{n:.0f}"
 
 
 def model_name(cfg: dict) -> str:
