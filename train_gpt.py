@@ -634,8 +634,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
                             dist.broadcast(t, src=owner)
                         if t is not None:
                             entry[k] = t.detach().cpu().clone()
-                    if "t" in st:
-                        entry["t"] = st["t"]
+                    if self.kind == "adamw":  # Adam's step count lives on the owner too
+                        t = torch.tensor([st.get("t", 0)], device=p.device)
+                        if world > 1:
+                            dist.broadcast(t, src=owner)
+                        if int(t):
+                            entry["t"] = int(t)
                     out[str(pid)] = entry
                     pid += 1
         return {"state": out, "lrs": [g["lr"] for g in self.param_groups]}
@@ -826,6 +830,8 @@ def read_shard(path: str) -> np.ndarray:
     expected = HEADER_INTS * 4 + 2 * n
     if n < 0 or size != expected:
         raise DataError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes: truncated or corrupt; re-create it")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)  # np.memmap refuses empty maps
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
@@ -837,11 +843,33 @@ def find_shards(pattern: str, what: str) -> list[str]:
     return files
 
 
-def check_token_range(toks: torch.Tensor, vocab_size: int, where: str) -> None:
-    top = int(toks.max())
-    if top >= vocab_size:
-        raise DataError(f"{where}: token id {top} >= vocab_size {vocab_size}; the data and the config disagree "
-                        "(set vocab_size from the data's meta.json)")
+def check_token_range(toks, vocab_size: int, where: str) -> None:
+    """Refuse token ids >= vocab_size (an embedding lookup would fail deep inside torch)."""
+    chunk = 1 << 24  # 32 MiB of uint16 at a time: bounded memory on 100M-token shards
+    for lo in range(0, len(toks), chunk):
+        top = int(toks[lo: lo + chunk].max())
+        if top >= vocab_size:
+            raise DataError(f"{where}: token id {top} >= vocab_size {vocab_size}; the data and the config disagree "
+                            "(set vocab_size from the data's meta.json, or re-tokenize)")
+
+
+def check_data_meta(cfg: Config) -> None:
+    """If a meta.json (JSON only, never a pickle) sits next to the train shards, its vocab_size
+    must fit in the config's. Read before any shard, so the mismatch is a config error."""
+    path = os.path.join(os.path.dirname(cfg.train_bin), "meta.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable JSON meta file ({e}); re-create it with the data script") from None
+    v = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise DataError(f"{path}: expected a positive integer 'vocab_size', got {v!r}; re-create it with the data script")
+    if cfg.vocab_size < v:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} in the config is smaller than vocab_size={v} of the data "
+                          f"({path}); set --vocab_size {v} (or larger)")
 
 
 class TrainLoader:
@@ -852,6 +880,9 @@ class TrainLoader:
     def __init__(self, pattern: str, seq_len: int, vocab_size: int, seed: int):
         self.files = find_shards(pattern, "train")
         self.shards = [read_shard(f) for f in self.files]
+        for f, s in zip(self.files, self.shards):  # a whole-shard check (~0.1 s per 100M tokens): fail now, not at step 10k
+            if len(s):
+                check_token_range(s, vocab_size, f)
         self.T, self.vocab = seq_len, vocab_size
         starts = [max(len(s) - seq_len, 0) for s in self.shards]
         if sum(starts) == 0:
@@ -872,8 +903,6 @@ class TrainLoader:
                 i = int(torch.searchsorted(self.cum, p, right=True))
                 off = p - (int(self.cum[i - 1]) if i else 0)
                 batch.append(torch.from_numpy(self.shards[i][off: off + self.T + 1].astype(np.int64)))
-                if int(batch[-1].max()) >= self.vocab:
-                    check_token_range(batch[-1], self.vocab, self.files[i])
             b = torch.stack(batch).to(device, non_blocking=True)
             out.append((b[:, :-1], b[:, 1:]))
         return out
@@ -890,7 +919,8 @@ def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) 
     chunks, have = [], 0
     for f in find_shards(pattern, "val"):
         t = torch.from_numpy(read_shard(f)[: n_tokens + 1 - have].astype(np.int64))
-        check_token_range(t, vocab_size, f) if t.numel() else None
+        if t.numel():
+            check_token_range(t, vocab_size, f)
         chunks.append(t)
         have += t.numel()
         if have >= n_tokens + 1:
@@ -906,14 +936,29 @@ def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) 
 # Files: atomic writes, checkpoints (weights_only loadable), logs
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+TMP_TAG = ".tmp."  # <path>.tmp.<pid>: a write in progress (or left by a killed process)
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(fh) into <path>.tmp.<pid>, fsync, rename over path, fsync the directory. A kill at
+    any moment leaves either the old file or the new one; a failed write (disk full) removes
+    the temporary file and names the path."""
+    tmp = f"{path}{TMP_TAG}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise CheckpointError(f"{path}: write failed ({e}); the previous file, if any, is untouched") from None
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
 
 
 def _fsync_dir(d: str) -> None:
@@ -926,22 +971,45 @@ def _fsync_dir(d: str) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill at any moment leaves the old file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """torch.save with the atomic write above."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class CheckpointError(ValueError):
     pass
 
 
+def content_checksum(obj) -> str:
+    """SHA-256 of a checkpoint's content (tensors' dtype, shape and bytes; other values' repr),
+    walked in sorted-key order. torch's zip reader does not verify CRCs: a flipped bit in the
+    weights would load silently. The stored checksum catches it (~1 s per GB)."""
+    import hashlib
+    h = hashlib.sha256()
+
+    def walk(x):
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            keys = sorted((k for k in x if k != "checksum"), key=repr)
+            h.update(f"D{len(keys)}".encode())
+            for k in keys:
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r}".encode())
+    walk(obj)
+    return h.hexdigest()
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint of this repo with weights_only=True (no pickled code runs)."""
+    """Load a checkpoint of this repo with weights_only=True (no pickled code runs), check its
+    structure and, when it has one, its content checksum."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
@@ -949,14 +1017,21 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except Exception as e:  # torch raises many types for truncated zips / pickles that need code
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint of this repo ({msg})") from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected a dict with 'model' and 'config')")
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this repo (expected a dict with 'model' and 'config' dicts)")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ck["model"].items()):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of named tensors")
+    if "checksum" in ck and ck["checksum"] != content_checksum(ck):
+        raise CheckpointError(f"{path}: content checksum mismatch: the file is corrupt (bit flips or a partial copy); "
+                              "use an earlier checkpoint")
     return ck
 
 
 def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
     try:
-        return config_from_dict(ck["config"], f"{path} config")
+        cfg = config_from_dict(ck["config"], f"{path} config")
+        validate_config(cfg)
+        return cfg
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -974,8 +1049,19 @@ def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, d
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    paths = glob.glob(os.path.join(run_dir, "ckpt_step*.pt"))
+    """Periodic checkpoints ckpt_step<N>.pt of a run directory, oldest first (temporary files of
+    interrupted writes never match)."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt_step*.pt")) if os.path.basename(p)[9:-3].isdigit()]
     return sorted(paths, key=lambda p: int(os.path.basename(p)[9:-3]))
+
+
+def remove_stale_tmp(run_dir: str) -> list[str]:
+    """Delete <file>.tmp.<pid> left in run_dir by a killed writer (the run dir belongs to one run)."""
+    stale = glob.glob(os.path.join(glob.escape(run_dir), f"*{TMP_TAG}*"))
+    for p in stale:
+        with contextlib.suppress(OSError):
+            os.remove(p)
+    return stale
 
 
 def system_info() -> str:
@@ -1126,7 +1212,8 @@ def default_run_name(cfg: Config) -> str:
 
 
 class Stopper:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the end of the step."""
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step
+    boundary. A second signal interrupts at once (the previous checkpoint stays loadable)."""
 
     def __init__(self):
         self.requested = False
@@ -1134,10 +1221,13 @@ class Stopper:
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -1145,208 +1235,314 @@ class Stopper:
             signal.signal(s, h)
 
 
-def train(cfg: Config) -> dict:
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    accum = grad_accum_steps(cfg, world)
-    rows = cfg.micro_batch_tokens // cfg.seq_len
+class OtherRankFailed(RuntimeError):
+    pass
 
-    # run directory: resume into an existing one, or create a new one (never overwrite)
-    resume_path = ""
-    if cfg.resume:
-        if cfg.resume == "latest":
-            if not cfg.out_dir and not cfg.run_name:
-                raise ConfigError("--resume latest needs --run_name or --out_dir of the run to continue")
-            run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
-            ckpts = list_checkpoints(run_dir)
-            if not ckpts:
-                raise ConfigError(f"--resume latest: no ckpt_step*.pt in {run_dir}")
-            resume_path = ckpts[-1]
-        else:
-            resume_path = cfg.resume
-            run_dir = cfg.out_dir or os.path.dirname(os.path.abspath(resume_path))
-        ck = load_checkpoint(resume_path)
-        old = config_from_checkpoint(ck, resume_path)
-        changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + ("seq_len", "optimizer", "constraint")
-                   if getattr(old, k) != getattr(cfg, k)]
-        if changed:
-            raise ConfigError(f"--resume {resume_path}: the config changes the model ({'; '.join(changed)}); "
-                              "resume with the checkpoint's settings")
-        if "optimizers" not in ck:
-            raise ConfigError(f"--resume {resume_path}: a final checkpoint holds no optimizer state; resume from a ckpt_step*.pt")
-    else:
+
+class RanksDisagree(RuntimeError):
+    pass
+
+
+def agree_on_error(err: Exception | None, world: int, device) -> None:
+    """Collective: if any rank hit an error, every rank raises (the failing one its own error,
+    the others a pointer to it), so that no rank waits forever in the next collective."""
+    if world > 1:
+        flag = torch.tensor([0.0 if err is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if err is None and flag.item():
+            raise OtherRankFailed("another rank stopped with an error (its message is printed above)")
+    if err is not None:
+        raise err
+
+
+def check_ranks_agree(model: GPT, step: int, device) -> None:
+    """Debug check (collective): every parameter is bitwise equal to rank 0's; if not, every rank raises."""
+    rank, world = dist_info()
+    if world == 1:
+        return
+    bad = []
+    for name, p in model.named_parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        if not torch.equal(ref, p.detach()):
+            bad.append(name)
+    n = torch.tensor([float(len(bad))], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if n.item():
+        where = f"rank {rank} differs from rank 0 in {', '.join(bad)}" if bad else "another rank differs from rank 0"
+        raise RanksDisagree(f"step {step}: weights are not identical across ranks ({where}); "
+                            "the sharded optimizer or the gradient all-reduce is broken")
+
+
+def nonfinite_tensor(model: GPT, loss: torch.Tensor) -> str | None:
+    """Name of the first non-finite value among the loss and the weights, or None (one sync)."""
+    named = list(model.named_parameters())
+    ok = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(p.detach()).all() for _, p in named])
+    if bool(ok.all()):
+        return None
+    i = int((~ok).nonzero()[0, 0])
+    return "loss" if i == 0 else f"weight {named[i - 1][0]}"
+
+
+def step_of(path: str) -> int:
+    return int(os.path.basename(path)[9:-3])
+
+
+def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
+    """The run directory and, when resuming, the checkpoint, checked against the config.
+    Read-only: nothing is written before every rank has passed every check."""
+    if not cfg.resume:
         cfg.run_name = cfg.run_name or default_run_name(cfg)
         run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
-        if master and os.path.exists(os.path.join(run_dir, "config.json")):
+        if os.path.exists(os.path.join(run_dir, "config.json")):
             raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume latest to continue it, "
                               "or choose another --run_name / --out_dir")
-    cfg.out_dir = run_dir
+        return run_dir, "", None
+    if cfg.resume == "latest":
+        if not cfg.out_dir and not cfg.run_name:
+            raise ConfigError("--resume latest needs --run_name or --out_dir of the run to continue")
+        run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            raise ConfigError(f"--resume latest: no ckpt_step*.pt in {run_dir} (was --save_every set?)")
+        resume_path = ckpts[-1]
+    else:
+        resume_path = cfg.resume
+        run_dir = cfg.out_dir or os.path.dirname(os.path.abspath(resume_path))
+    ck = load_checkpoint(resume_path)
+    old = config_from_checkpoint(ck, resume_path)
+    changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + ("seq_len", "optimizer", "constraint")
+               if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume {resume_path}: the config changes the model ({'; '.join(changed)}); "
+                          "resume with the checkpoint's settings")
+    if not isinstance(ck.get("optimizers"), dict) or not isinstance(ck.get("step"), int) or ck["step"] < 0:
+        raise CheckpointError(f"{resume_path}: holds no optimizer state or step (a final checkpoint?); resume from a ckpt_step*.pt")
+    if ck["step"] > cfg.num_steps:
+        raise ConfigError(f"--resume {resume_path}: the checkpoint is at step {ck['step']}, past --num_steps {cfg.num_steps}")
+    if os.path.exists(os.path.join(run_dir, "ckpt_final.pt")):
+        raise ConfigError(f"{run_dir} holds ckpt_final.pt: that run has finished. To train on from {resume_path}, "
+                          "also pass a new --out_dir")
+    newer = [p for p in list_checkpoints(run_dir) if step_of(p) > ck["step"]]
+    if newer:
+        raise ConfigError(f"--resume {resume_path}: {run_dir} holds a newer checkpoint ({os.path.basename(newer[-1])}) "
+                          "that this run would prune; resume from it (--resume latest), or pass a new --out_dir")
+    cfg.run_name = cfg.run_name or old.run_name
+    return run_dir, resume_path, ck
 
-    # data (errors name the file) before any model or compile work
-    train_loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
-    val_tokens = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    mat_opt, adam = build_optimizers(model, cfg)
-    step = 0
-    if resume_path:
+def restore(ck: dict, path: str, model: GPT, mat_opt: MatrixOptimizer, adam, loader: TrainLoader) -> int:
+    """Load model, optimizer, loader and RNG state from a resumable checkpoint; returns its step."""
+    try:
         model.load_state_dict(ck["model"])
         mat_opt.load_full_state_dict(ck["optimizers"]["matrix"])
+        for p, st in mat_opt.state.items():
+            for k, t in st.items():
+                want = tuple(p.shape[:-2]) + (p.size(-1),) if k == "v" else tuple(p.shape)
+                if torch.is_tensor(t) and tuple(t.shape) != want:
+                    raise ValueError(f"optimizer state '{k}' of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
         adam.load_state_dict(ck["optimizers"]["adam"])
-        train_loader.load_state_dict(ck["loader"])
+        loader.load_state_dict(ck["loader"])
         torch.set_rng_state(ck["rng"]["torch"])
-        step = int(ck["step"])
+        if ck["rng"].get("cuda") is not None and model.head.is_cuda:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], model.head.device)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot restore the training state ({type(e).__name__}: {msg}); "
+                              "the file does not match this model and optimizer") from None
+    return ck["step"]
+
+
+def train(cfg: Config) -> dict:
+    with Stopper() as stopper:  # from the start: a signal during setup stops at the first step boundary
+        return _train(cfg, stopper)
+
+
+def _train(cfg: Config, stopper: Stopper) -> dict:
+    validate_config(cfg)
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    if world > 1 and not cfg.resume:  # the time-stamped default name must be the same on every rank
+        name = [cfg.run_name or default_run_name(cfg)]
+        dist.broadcast_object_list(name, src=0)
+        cfg.run_name = name[0]
+
+    # every check (config, run dir, checkpoint, data) before any write, model build or compile;
+    # errors are agreed across ranks so that none is left waiting
+    err = None
+    try:
+        accum = grad_accum_steps(cfg, world)
+        rows = cfg.micro_batch_tokens // cfg.seq_len
+        run_dir, resume_path, ck = resolve_run(cfg)
+        cfg.out_dir = run_dir
+        check_data_meta(cfg)
+        train_loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
+        val_tokens = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg).to(device)
+        mat_opt, adam = build_optimizers(model, cfg)
+        step = restore(ck, resume_path, model, mat_opt, adam, train_loader) if ck is not None else 0
         del ck
+    except (ConfigError, DataError, CheckpointError) as e:
+        err = e
+    agree_on_error(err, world, device)
+
+    logf = None
+    try:
+        if master:
+            os.makedirs(run_dir, exist_ok=True)
+            stale = remove_stale_tmp(run_dir)
+            if not os.path.exists(os.path.join(run_dir, "config.json")):
+                atomic_write_bytes(os.path.join(run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+            logf = open(os.path.join(run_dir, "log.txt"), "a")
+            if not resume_path:
+                with open(os.path.abspath(__file__)) as src:
+                    logf.write(src.read() + "\n" + "=" * 100 + "\n")
+            logf.write(system_info() + "\n")
+            logf.write(f"world_size:{world} grad_accum:{accum} rows_per_micro:{rows} resume:{resume_path or '-'}"
+                       f" removed_tmp:{len(stale)}\n")
+            logf.flush()
+    except (OSError, CheckpointError) as e:
+        err = e if isinstance(e, CheckpointError) else CheckpointError(f"{run_dir}: cannot write the run directory ({e})")
+    agree_on_error(err, world, device)
+
     use_cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     autocast_ctx = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype == "bf16")
     for b in model.blocks:
         b.attn.track_max_logit = cfg.qk_clip_tau > 0
     fwd = torch.compile(model) if (cfg.compile and use_cuda) else model
-
-    logf = None
     if master:
-        os.makedirs(run_dir, exist_ok=True)
-        logf = open(os.path.join(run_dir, "log.txt"), "a")
-        if not resume_path:
-            atomic_write_bytes(os.path.join(run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2).encode())
-            with open(os.path.abspath(__file__)) as src:
-                logf.write(src.read() + "\n" + "=" * 100 + "\n")
-        logf.write(system_info() + "\n")
-        logf.write(f"world_size:{world} grad_accum:{accum} rows_per_micro:{rows} resume:{resume_path or '-'}\n")
-        logf.flush()
         print(f"run dir {run_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, world {world}, "
-              f"accum {accum}, device {device}, dtype {cfg.dtype}")
+              f"accum {accum}, device {device}, dtype {cfg.dtype}" + (f", resumed at step {step}" if resume_path else ""))
     wandb_run = None
     if master and cfg.wandb:
         import wandb  # optional dependency, imported only when asked for
         wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow")
 
-    def log(line: str):
+    def log(line: str, record: dict | None = None):
         if master:
             print(line, flush=True)
             logf.write(line + "\n")
             logf.flush()
+            if record is not None:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
 
     last_ckpt = resume_path or "(none)"
+    last_saved_step = step if resume_path else -1
 
     def save(kind: str) -> str:
-        """'step': resumable checkpoint (pruned to keep_last); 'final': weights + config."""
-        nonlocal last_ckpt
+        """'step': resumable checkpoint (pruned to keep_last); 'final': weights + config. Collective."""
+        nonlocal last_ckpt, last_saved_step
         model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         obj = {"model": model_sd, "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
         if kind == "step":
             obj["optimizers"] = {"matrix": mat_opt.full_state_dict(), "adam": adam.state_dict()}
             obj["loader"] = train_loader.state_dict()
-            obj["rng"] = {"torch": torch.get_rng_state()}
+            obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}
         path = os.path.join(run_dir, f"ckpt_step{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
+        err = None
         if master:
-            if kind == "final" and os.path.exists(path):
-                raise FileExistsError(f"{path} exists; not overwriting")
-            atomic_torch_save(obj, path)
-            if kind == "step":
-                for old in list_checkpoints(run_dir)[: -cfg.keep_last]:
-                    os.remove(old)
-            last_ckpt = path
+            try:
+                if kind == "final" and os.path.exists(path):
+                    raise CheckpointError(f"{path} exists; not overwriting it")
+                obj["checksum"] = content_checksum(obj)
+                atomic_torch_save(obj, path)
+                if kind == "step":
+                    for old in list_checkpoints(run_dir)[: -cfg.keep_last]:
+                        os.remove(old)
+            except OSError as e:
+                err = CheckpointError(f"{run_dir}: cannot prune old checkpoints ({e})")
+            except CheckpointError as e:
+                err = e
+        agree_on_error(err, world, device)
+        last_ckpt, last_saved_step = path, step
         return path
-
-    def check_finite(loss_val: float):
-        bad = None if math.isfinite(loss_val) else "loss"
-        if bad is None:
-            for name, p in model.named_parameters():
-                if not torch.isfinite(p).all():
-                    bad = name
-                    break
-        if bad is not None:
-            raise TrainingDiverged(f"step {step}: non-finite {bad} (loss {loss_val}); stopped without writing anything. "
-                                   f"Last good checkpoint: {last_ckpt}")
 
     def run_eval() -> dict:
         m = evaluate(model, val_tokens, cfg, device, autocast_ctx, rows)
         m["step"] = step
         m["norms"] = matrix_norms(model)
-        if cfg.debug and world > 1:
-            for name, p in model.named_parameters():
-                ref = p.detach().clone()
-                dist.broadcast(ref, src=0)
-                if not torch.equal(ref, p.detach()):
-                    raise RuntimeError(f"step {step}: rank {rank} holds different {name} than rank 0")
+        if cfg.debug:
+            check_ranks_agree(model, step, device)
         return m
 
     metrics = {}
     train_loss = float("nan")
     t_train, t0 = 0.0, time.perf_counter()
-    with Stopper() as stopper:
-        while True:
-            last = step == cfg.num_steps
-            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
-                metrics = run_eval()
-                metrics["train_loss"] = train_loss
-                n = metrics["norms"]
-                log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} "
-                    f"max_act_entry:{metrics['max_act_entry']:.4g} max_act_rms:{metrics['max_act_rms']:.4g} "
-                    f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}")
-                if master:
-                    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
-                        fh.write(json.dumps(metrics) + "\n")
-                    if wandb_run:
-                        wandb_run.log({k: v for k, v in metrics.items() if k != "norms"}, step=step)
-            if last:
-                break
-            # one optimizer step
-            if use_cuda:
-                torch.cuda.synchronize()
-            ts = time.perf_counter()
-            frac = lr_factor(step, cfg)
-            for g in mat_opt.param_groups:
-                g["lr"] = g["base_lr"] * frac
-                g["momentum"] = momentum_at(step, cfg)
-            for g in adam.param_groups:
-                g["lr"] = g["base_lr"] * frac
-            loss_sum = torch.zeros((), device=device)
-            for x, y in train_loader.next_batch(rows, rank, world, accum, device):
-                with autocast_ctx:
-                    loss = fwd(x, y)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if world > 1:
-                handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-                handles.append(dist.all_reduce(loss_sum, async_op=True))
-                for h in handles:
-                    h.wait()
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(world)
-            mat_opt.step()
-            adam.step()
-            project_rowwise(model, cfg)
-            clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
-            model.zero_grad(set_to_none=True)
-            train_loss = float(loss_sum) / (accum * world)
-            step += 1
-            if use_cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - ts
-            t_train += dt
-            if not math.isfinite(train_loss) or (cfg.debug and step % max(cfg.log_every, 1) == 0):
-                check_finite(train_loss)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
-                log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
-                    f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""))
-            stop = stopper.requested
-            if world > 1:
-                flag = torch.tensor([float(stop)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
-            if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps) or stop:
-                path = save("step")
-                if stop:
-                    log(f"stopped by signal at step {step}; resume with --resume {path}")
-                    if logf:
-                        logf.close()
-                    return {"stopped": True, "step": step, "checkpoint": path}
-    check_finite(train_loss if math.isfinite(train_loss) else 0.0)
+    while True:
+        last = step >= cfg.num_steps
+        if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
+            metrics = run_eval()
+            metrics["train_loss"] = train_loss
+            n = metrics["norms"]
+            log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} "
+                f"max_act_entry:{metrics['max_act_entry']:.4g} max_act_rms:{metrics['max_act_rms']:.4g} "
+                f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}",
+                record=metrics)
+            if wandb_run:
+                wandb_run.log({k: v for k, v in metrics.items() if k != "norms"}, step=step)
+        if last:
+            break
+        stop = stopper.requested
+        if world > 1:
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            path = save("step") if last_saved_step != step else last_ckpt
+            log(f"stopped by signal at step {step}; continue with --resume latest --out_dir {run_dir}")
+            if logf:
+                logf.close()
+            return {"stopped": True, "step": step, "checkpoint": path, "run_dir": run_dir}
+        # one optimizer step
+        if use_cuda:
+            torch.cuda.synchronize()
+        ts = time.perf_counter()
+        frac = lr_factor(step, cfg)
+        for g in mat_opt.param_groups:
+            g["lr"] = g["base_lr"] * frac
+            g["momentum"] = momentum_at(step, cfg)
+        for g in adam.param_groups:
+            g["lr"] = g["base_lr"] * frac
+        loss_sum = torch.zeros((), device=device)
+        for x, y in train_loader.next_batch(rows, rank, world, accum, device):
+            with autocast_ctx:
+                loss = fwd(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+            handles.append(dist.all_reduce(loss_sum, async_op=True))
+            for h in handles:
+                h.wait()
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(world)
+        mat_opt.step()
+        adam.step()
+        project_rowwise(model, cfg)
+        clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
+        model.zero_grad(set_to_none=True)
+        train_loss = float(loss_sum) / (accum * world)
+        bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together
+        step += 1
+        if use_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - ts
+        t_train += dt
+        if bad:
+            raise TrainingDiverged(f"step {step}: non-finite {bad} (train loss {train_loss}); stopped before writing "
+                                   f"anything. Last good checkpoint: {last_ckpt}")
+        if cfg.debug:
+            check_ranks_agree(model, step, device)
+        if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+            log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
+                f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
+                record={"step": step, "train_loss": train_loss, "lr_frac": frac})
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
+            save("step")
     final = save("final")
     metrics["checkpoint"] = final
     metrics["run_dir"] = run_dir
@@ -1364,13 +1560,20 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, RanksDisagree, OtherRankFailed, OSError)
+
+
 def main(argv=None) -> int:
+    """Command-line entry: every expected failure is one line 'error: ...' on stderr and exit code 2."""
     try:
         cfg = parse_config(argv)
         out = train(cfg)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted twice; the last checkpoint written is intact (resume with --resume latest)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
