@@ -118,7 +118,7 @@ class Config:
     log_every: int = field(default=10, metadata={"help": "print a training line every N steps"})
     save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: none)"})
     keep_last: int = field(default=2, metadata={"help": "periodic checkpoints to keep"})
-    resume: str = field(default="", metadata={"help": "'latest' (newest checkpoint in the run dir) or a checkpoint path"})
+    resume: str = field(default="", metadata={"help": "'latest' (newest checkpoint in the run dir; none yet: start the run, so a pre-emptible job can always pass it) or a checkpoint path"})
     run_name: str = field(default="", metadata={"help": "run directory name under logs/ (default: derived from the settings and the time)"})
     out_dir: str = field(default="", metadata={"help": "run directory (default logs/<run_name>)"})
     debug: bool = field(default=False, metadata={"help": "check that weights are identical across ranks at every eval"})
@@ -212,14 +212,14 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"{k}={getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     positive = ["vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "seq_len", "num_steps", "batch_tokens",
                 "micro_batch_tokens", "w_max", "emb_w_max", "head_w_max", "final_scale", "softmax_scale", "ns_steps",
-                "lr_hidden", "lr_head", "lr_embed", "keep_last"]
+                "lr_hidden", "lr_head", "lr_embed", "keep_last", "adam_eps", "logit_softcap"]
     for k in positive:
         v = getattr(cfg, k)
         if not (v > 0 and math.isfinite(v)):
             raise ConfigError(f"{k} must be > 0, got {v}")
     for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps"):
-        if getattr(cfg, k) < 0:
-            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+        if not (getattr(cfg, k) >= 0 and math.isfinite(getattr(cfg, k))):
+            raise ConfigError(f"{k} must be >= 0 and finite, got {getattr(cfg, k)}")
     for k in ("cooldown_frac", "final_lr_frac", "momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, k) <= 1.0:
             raise ConfigError(f"{k} must be in [0, 1], got {getattr(cfg, k)}")
@@ -1302,9 +1302,12 @@ def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
         if not cfg.out_dir and not cfg.run_name:
             raise ConfigError("--resume latest needs --run_name or --out_dir of the run to continue")
         run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
+        if os.path.exists(os.path.join(run_dir, "ckpt_final.pt")):
+            raise ConfigError(f"--resume latest: {run_dir} holds ckpt_final.pt: that run has finished")
         ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            raise ConfigError(f"--resume latest: no ckpt_step*.pt in {run_dir} (was --save_every set?)")
+        if not ckpts:  # first launch, or killed before its first checkpoint: (re)start the run
+            cfg.run_name = cfg.run_name or os.path.basename(os.path.normpath(run_dir))
+            return run_dir, "", None
         resume_path = ckpts[-1]
     else:
         resume_path = cfg.resume

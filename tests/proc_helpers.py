@@ -7,6 +7,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), sends its stdout and stderr t
 and exits with main()'s return code.
 """
 
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -22,7 +23,7 @@ def _ctx():
     return ctx
 
 
-def _child(argv, env, log_path, fsync_delay):
+def _child(argv, env, log_path, slow_disk):
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -34,13 +35,18 @@ def _child(argv, env, log_path, fsync_delay):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     torch.set_num_threads(1)
-    if fsync_delay:  # a slow disk: every fsync (checkpoint writes) takes fsync_delay seconds longer
-        real_fsync = os.fsync
+    if slow_disk:  # a slow disk: each torch.save into a file object takes slow_disk seconds, in 8 chunks
+        real_save = torch.save
 
-        def slow_fsync(fd):
-            time.sleep(fsync_delay)
-            real_fsync(fd)
-        os.fsync = slow_fsync
+        def slow_save(obj, f, *a, **k):
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            data = buf.getvalue()
+            for i in range(8):
+                f.write(data[i * len(data) // 8: (i + 1) * len(data) // 8])
+                f.flush()
+                time.sleep(slow_disk / 8)
+        torch.save = slow_save
     import train_gpt
     sys.stdout.flush()
     code = train_gpt.main(argv)
@@ -49,9 +55,9 @@ def _child(argv, env, log_path, fsync_delay):
     os._exit(code)
 
 
-def start(argv, log_path, env=None, fsync_delay=0.0):
+def start(argv, log_path, env=None, slow_disk=0.0):
     """Start one child running train_gpt.main(argv); returns the multiprocessing.Process."""
-    p = _ctx().Process(target=_child, args=(list(argv), dict(env or {}), log_path, fsync_delay), daemon=True)
+    p = _ctx().Process(target=_child, args=(list(argv), dict(env or {}), log_path, slow_disk), daemon=True)
     p.start()
     return p
 
