@@ -1029,9 +1029,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
     try:
-        cfg = config_from_dict(ck["config"], f"{path} config")
-        validate_config(cfg)
-        return cfg
+        return config_from_dict(ck["config"], f"{path} config")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -1040,6 +1038,10 @@ def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, d
     """Rebuild the model of a checkpoint from its saved config; needs nothing else."""
     ck = load_checkpoint(path, map_location)
     cfg = config_from_checkpoint(ck, path)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: invalid config ({e})") from None
     model = GPT(cfg)
     try:
         model.load_state_dict(ck["model"])

@@ -68,9 +68,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world, argv, log_dir, timeout=120, argv_of_rank=None):
-    """Run `world` ranks of main(argv) (world 1: no process group) to the end; returns
-    (exit codes, log texts). Kills every rank and fails if they take longer than timeout."""
+def start_ranks(world, argv, log_dir, argv_of_rank=None):
+    """Start `world` ranks of main(argv) (world 1: no process group); returns (processes, log paths)."""
     os.makedirs(log_dir, exist_ok=True)
     port = free_port()
     procs, logs = [], []
@@ -82,6 +81,12 @@ def run_ranks(world, argv, log_dir, timeout=120, argv_of_rank=None):
             os.remove(log)
         logs.append(log)
         procs.append(start(argv_of_rank(r) if argv_of_rank else argv, log, env))
+    return procs, logs
+
+
+def join_ranks(procs, logs, timeout=120):
+    """Wait for every rank; kill them all and fail if they take longer than timeout (a hang).
+    Returns (exit codes, log texts)."""
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -91,5 +96,11 @@ def run_ranks(world, argv, log_dir, timeout=120, argv_of_rank=None):
         p.join()
     texts = [open(f).read() if os.path.exists(f) else "" for f in logs]
     if hung:
-        raise AssertionError(f"{len(hung)} of {world} ranks still running after {timeout}s (a hang):\n" + "\n".join(texts))
+        raise AssertionError(f"{len(hung)} of {len(procs)} ranks still running after {timeout}s (a hang):\n" + "\n".join(texts))
     return [p.exitcode for p in procs], texts
+
+
+def run_ranks(world, argv, log_dir, timeout=120, argv_of_rank=None):
+    """Run `world` ranks of main(argv) to the end; returns (exit codes, log texts)."""
+    procs, logs = start_ranks(world, argv, log_dir, argv_of_rank)
+    return join_ranks(procs, logs, timeout)

@@ -17,13 +17,17 @@ Measured tolerances (tiny fp32 model, 6-10 steps, 2 CPU cores):
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import make_shards, tiny_args
-from proc_helpers import run_ranks
+from conftest import REPO, make_shards, tiny_args
+from proc_helpers import join_ranks, run_ranks, start_ranks
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,38 @@ def test_rank_mismatch_is_detected(data, tmp_path):
     assert rcs == [2, 2], logs
     assert "error: step 2: weights are not identical across ranks" in logs[0]
     assert "embed.weight" in logs[1]
+
+
+def test_sigterm_to_one_rank_stops_all_with_a_checkpoint(data, tmp_path):
+    """SIGTERM to rank 0 only: the stop flag is all-reduced, both ranks save one checkpoint
+    together and exit 0; --resume latest then finishes the run in 2 ranks."""
+    out = str(tmp_path / "run")
+    procs, logs = start_ranks(2, tiny_args(data, out, num_steps=100000, log_every=1), str(tmp_path / "logs"))
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(metrics) and open(metrics).read().count("}\n") >= 3):
+        assert all(p.is_alive() for p in procs) and time.monotonic() < deadline, [open(f).read() for f in logs]
+        time.sleep(0.02)
+    os.kill(procs[0].pid, signal.SIGTERM)
+    rcs, texts = join_ranks(procs, logs, timeout=60)
+    assert rcs == [0, 0], texts
+    ckpts = train_gpt.list_checkpoints(out)
+    assert len(ckpts) == 1 and "stopped by signal at step" in texts[0]
+    k = train_gpt.load_checkpoint(ckpts[0])["step"]
+    assert k >= 3
+    launch(2, data, out, num_steps=k + 2, resume="latest", debug="true")
+    assert train_gpt.load_checkpoint(os.path.join(out, "ckpt_final.pt"))["step"] == k + 2
+
+
+def test_torchrun_launch(two_vs_one, data, tmp_path):
+    """The real launcher: torchrun --standalone with 2 processes gives bitwise the weights of
+    the same run started through the environment variables above."""
+    root, _ = two_vs_one
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train_gpt.py")] + tiny_args(data, out, num_steps=6, eval_every=2, save_every=3,
+                                                            keep_last=5, debug="true")
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert max_diff(weights(out + "/ckpt_final.pt"), weights(root + "/w2/ckpt_final.pt")) == 0.0

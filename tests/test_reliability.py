@@ -415,6 +415,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_code_running_pickles_are_refused(data, tmp_path, capsys):
     marker = tmp_path / "pwned"
     for i, dump in enumerate((lambda o, f: torch.save(o, f), lambda o, f: pickle.dump(o, open(f, "wb")))):
