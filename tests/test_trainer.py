@@ -1,0 +1,190 @@
+"""The trainer (issue 2): config, model invariants, Muon's update norm, constraints after steps,
+a short real-data run."""
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, tiny_args
+
+
+def small_cfg(**over):
+    cfg = tg.Config(vocab_size=50, n_layer=2, n_head=2, d_model=32, seq_len=16, device="cpu", dtype="fp32")
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ---- config and CLI
+
+def test_help_lists_every_key_with_default():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train_gpt.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    flat = " ".join(out.split())
+    for f in fields(tg.Config):
+        assert f"--{f.name}" in out, f.name
+        assert f"(default: {f.default!r})" in flat, f.name
+
+
+def test_command_line_beats_file_beats_default(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('w_max = 3\nconstraint = "hard_cap"\nn_layer = 5\n')
+    cfg = tg.parse_config(["--config", str(toml), "--w_max", "2.5"])
+    assert cfg.w_max == 2.5 and cfg.constraint == "hard_cap" and cfg.n_layer == 5
+    assert cfg.d_model == tg.Config().d_model == 768
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("wmax = 2\n", "unknown key 'wmax'"),
+    ('n_layer = "three"\n', "'n_layer' must be of type int"),
+    ("w_max = 0\n", "w_max must be > 0"),
+    ('constraint = "spectral"\n', "constraint='spectral' is not one of"),
+    ('optimizer = "sgd"\n', "optimizer='sgd' is not one of"),
+    ('arch = "llama"\n', "arch='llama' is not one of"),
+    ("micro_batch_tokens = 1000\n", "multiple of seq_len"),
+    ('optimizer = "adamw"\nconstraint = "soft_cap"\n', "soft_cap needs a bound"),
+])
+def test_config_errors_are_clear(tmp_path, text, needle):
+    toml = tmp_path / "c.toml"
+    toml.write_text(text)
+    with pytest.raises(tg.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        tg.parse_config(["--config", str(toml)])
+
+
+def test_batch_that_does_not_divide_names_the_numbers():
+    cfg = tg.Config(batch_tokens=3 * 49152)
+    assert tg.grad_accum_steps(cfg, 1) == 3 and tg.grad_accum_steps(cfg, 3) == 1
+    with pytest.raises(tg.ConfigError, match=r"batch_tokens=147456 is not divisible by world_size x micro_batch_tokens = 2 x 49152"):
+        tg.grad_accum_steps(cfg, 2)
+
+
+# ---- data format
+
+def test_shard_round_trip(tmp_path):
+    toks = torch.randint(0, 65535, (12345,)).numpy()
+    p = str(tmp_path / "s.bin")
+    tg.write_shard(p, toks)
+    back = tg.read_shard(p)
+    assert back.dtype.name == "uint16" and (back == toks).all()
+    with open(p, "rb") as fh:
+        header = torch.frombuffer(bytearray(fh.read(1024)), dtype=torch.int32)
+    assert header[:3].tolist() == [20240520, 1, 12345]
+
+
+def test_shakespeare_shards_match_the_exact_file(shakespeare_dir):
+    import json
+    meta = json.load(open(os.path.join(shakespeare_dir, "meta.json")))
+    assert meta["vocab_size"] == 65 and meta["sha256"].startswith("86c4e6aa")
+    n_train = len(tg.read_shard(os.path.join(shakespeare_dir, "train_000000.bin")))
+    n_val = len(tg.read_shard(os.path.join(shakespeare_dir, "val_000000.bin")))
+    assert n_train + n_val == 1115394 and n_train == int(0.9 * 1115394)
+
+
+# ---- model invariants
+
+def test_lipschitz_model_has_no_norms_and_convex_residuals(monkeypatch):
+    cfg = small_cfg(n_layer=3)
+    model = tg.GPT(cfg)
+    assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)) for m in model.modules())
+    monkeypatch.setattr(tg.F, "rms_norm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("norm called")))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    acts = []
+    logits = model(idx, acts=acts)
+    a = tg.residual_weight(3)
+    assert all(b.a == a == 1 / 6 for b in model.blocks)
+    # output projections are zero at init, so each sub-block only shrinks x by (1 - a)
+    for i, x in enumerate(acts):
+        torch.testing.assert_close(x, acts[0] * (1 - a) ** i)
+    # zero head: uniform logits, loss log(vocab)
+    assert torch.count_nonzero(logits) == 0
+    loss = model(idx, idx)
+    assert abs(float(loss) - math.log(cfg.vocab_size)) < 1e-6
+
+
+def test_init_norms_follow_the_paper():
+    model = tg.GPT(small_cfg(w_max=2.0))
+    for b in model.blocks:
+        for W in list(b.attn.qkv) + [b.mlp.fc]:
+            s = torch.linalg.svdvals(W.double()) / tg.rms_scale(W)
+            torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)  # orthogonal, RMS->RMS norm 1
+        assert torch.count_nonzero(b.attn.proj) == 0 and torch.count_nonzero(b.mlp.proj) == 0
+    rms = model.embed.weight.pow(2).mean(-1).sqrt()
+    assert rms.max() <= 1.0 + 1e-6
+
+
+def test_gelu_constant_is_the_max_slope():
+    x = torch.linspace(-5, 5, 200001, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.gelu(x).sum().backward()
+    assert abs(x.grad.max().item() - tg.GELU_MAX_SLOPE) < 1e-9
+    assert abs(tg.GELU_MAX_SLOPE - 1.1289) < 1e-4
+
+
+# ---- optimizer
+
+def rms_norm_svd(W):
+    return torch.linalg.matrix_norm(W.double(), ord=2) / tg.rms_scale(W)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128)])
+def test_muon_update_has_rms_to_rms_norm_lr(shape):
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(*shape) * 0.1)
+    W.grad = torch.randn(*shape)
+    lr = 0.05
+    opt = tg.MatrixOptimizer([dict(params=[W], lr=lr)], kind="muon", constraint="none", w_max=1.0, momentum=0.0)
+    before = W.detach().clone()
+    opt.step()
+    s = torch.linalg.svdvals((W.detach() - before).double()) / tg.rms_scale(W) / lr
+    assert s.max() <= opt.max_stretch  # the budget the soft-cap coupling uses
+    assert s.min() >= 0.8  # orthogonalized: every direction moves by about lr
+
+
+@pytest.mark.parametrize("constraint", ["spectral_normalize", "soft_cap"])
+def test_norms_stay_below_w_max_after_steps(constraint):
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(3, 48, 48) * 0.01), torch.nn.Parameter(torch.zeros(96, 48)),
+              torch.nn.Parameter(torch.zeros(48, 96))]
+    w_max = 1.5
+    opt = tg.MatrixOptimizer([dict(params=params, lr=0.2)], kind="muon", constraint=constraint, w_max=w_max,
+                             momentum=0.9)
+    for step in range(25):
+        for p in params:
+            p.grad = torch.randn_like(p) + 0.5  # a persistent direction pushes the norm up
+        opt.step()
+        for p in params:
+            assert rms_norm_svd(p).max() <= w_max * (1 + 2e-3), (constraint, step, p.shape)
+    assert max(rms_norm_svd(p).max() for p in params) > 0.95 * w_max  # the cap was active
+
+
+# ---- end to end
+
+def test_tiny_run_writes_a_self_describing_run_dir(tiny_shards, tmp_path):
+    out = str(tmp_path / "run")
+    assert tg.main(tiny_args(tiny_shards, out)) == 0
+    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt_final.pt"):
+        assert os.path.exists(os.path.join(out, f)), f
+    model, cfg, ck = tg.model_from_checkpoint(os.path.join(out, "ckpt_final.pt"))
+    assert cfg.d_model == 32 and ck["step"] == 6
+    import json
+    m = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert {"step", "train_loss", "val_loss", "val_acc", "max_act_entry", "max_act_rms", "norms"} <= set(m)
+    assert m["norms"]["head"] <= 1.0 + 1e-3
+    # the same run dir is never overwritten
+    assert tg.main(tiny_args(tiny_shards, out)) == 2
+
+
+def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_path):
+    out = str(tmp_path / "shake")
+    args = ["--config", os.path.join(REPO, "configs", "quickstart.toml"), "--num_steps", "30", "--eval_every", "0",
+            "--batch_tokens", "2048", "--micro_batch_tokens", "2048", "--val_tokens", "8192", "--dtype", "fp32",
+            "--out_dir", out, "--train_bin", os.path.join(shakespeare_dir, "train_*.bin"),
+            "--val_bin", os.path.join(shakespeare_dir, "val_*.bin")]
+    cfg = tg.parse_config(args)
+    metrics = tg.train(cfg)
+    assert metrics["val_loss"] < math.log(65) - 0.5, metrics["val_loss"]  # uniform at step 0 (zero head)
