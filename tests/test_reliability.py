@@ -9,7 +9,6 @@ vectors) and AdamW + spectral_normalize with an Adam head.
 """
 
 import errno
-import glob
 import json
 import os
 import pickle
