@@ -287,11 +287,13 @@ def ns_max_stretch(steps: int) -> float:
 def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
 
-    Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]); the additive
-    1e-30 keeps an all-zero matrix at zero without flooring tiny ones."""
+    Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
+    by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero."""
     transpose = G.size(-2) > G.size(-1)
     X = G.mT if transpose else G
     X = X.float()
+    top = X.abs().amax(dim=(-2, -1), keepdim=True)  # pre-scale so the Frobenius norm cannot underflow
+    X = X / torch.where(top > 0, top, torch.ones_like(top))
     X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
     for a, b, c in ns_coefficients(steps):
         A = X @ X.mT
@@ -304,16 +306,24 @@ def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> t
 def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
     """Top singular triplet estimate of each matrix in M (..., m, n) from start vectors v (..., n).
 
-    Returns (u, sigma, v). sigma = u^T M v is a lower estimate of sigma_max: use it to steer
-    projections, never in a certificate."""
+    `iters` products with M^T M from v, then Rayleigh-Ritz on all the iterates (the best
+    estimate in their Krylov space: never worse than the last iterate alone, and ~3x closer when
+    the top of the spectrum is clustered). Returns (u, sigma, v) with M v = sigma u. sigma is a
+    lower estimate of sigma_max: use it to steer projections, never in a certificate. An
+    all-zero matrix gives sigma = 0, u = 0 and a unit v, so a warm-started v never collapses."""
     M = M.float()
-    v = v.float()
+    v = F.normalize(v.float(), dim=-1, eps=1e-30)
+    basis = [v]
     for _ in range(max(iters, 1)):
-        u = F.normalize((M @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
-        v = F.normalize((M.mT @ u.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
-    u = F.normalize((M @ v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=1e-30)
-    sigma = (u.unsqueeze(-2) @ M @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    return u, sigma, v
+        v = F.normalize((M.mT @ (M @ v.unsqueeze(-1))).squeeze(-1), dim=-1, eps=1e-30)
+        basis.append(v)
+    Q = torch.linalg.qr(torch.stack(basis, dim=-1)).Q   # (..., n, k), orthonormal, k = iters + 1
+    MQ = M @ Q
+    y = torch.linalg.eigh(MQ.mT @ MQ).eigenvectors[..., -1]   # top Ritz vector of the k x k Gram
+    v = (Q @ y.unsqueeze(-1)).squeeze(-1)
+    Mv = (M @ v.unsqueeze(-1)).squeeze(-1)
+    sigma = Mv.norm(dim=-1)
+    return F.normalize(Mv, dim=-1, eps=1e-30), sigma, v
 
 
 def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
@@ -340,8 +350,11 @@ def soft_cap_alpha(w_max: float, max_update_norm: float, decay: float = 0.0) -> 
         return 0.0
     roots = np.roots([-k**9, 3 * k**7, -3 * k**5, 0.0, k - w_max])
     real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
-    if not real:  # f(k) = w_max has no root: k is beyond what two cubics can pull back
-        raise ValueError(f"soft cap cannot bring sigma = {k:.4g} back to w_max = {w_max}: lower the learning rate")
+    # The bound also needs f increasing on [0, k] (else a smaller singular value can land above
+    # w_max): f' = p2'(p1(x)) p1'(x) with p2' > 0 and p1'(x) = 1 - 3 a x^2, so 3 a k^2 < 1.
+    if not real or 3 * real[0] * k**2 >= 1:
+        raise ValueError(f"soft cap cannot bring sigma = {k:.4g} back to w_max = {w_max} with a map that is "
+                         f"increasing up to {k:.4g}: lower the learning rate (max update norm {max_update_norm:.4g})")
     return float(real[0])
 
 
@@ -393,12 +406,13 @@ def c_spectral_wd(M, p):
 
 
 def c_spectral_normalize(M, p):
-    """Divide by max(1, sigma_1 / w_max)."""
+    """Divide by max(1, sigma_1 / w_max); sigma_1 is the power-iteration (lower) estimate."""
     return M / _bcast(torch.clamp(p.sigma / p.w_max, min=1.0))
 
 
 def c_spectral_hammer(M, p):
-    """Set the top singular value to w_max (one direction; no guarantee on the others)."""
+    """Set the top singular value to w_max (one direction, from power iteration; no guarantee
+    on the others, which may stay above w_max)."""
     return M + _bcast(p.w_max - p.sigma) * _rank1(p)
 
 
@@ -410,28 +424,113 @@ def c_soft_cap(M, p):
     return _gram_apply(M, 1.0, p.alpha)
 
 
+# Exact hard cap, all on the m x m Gram matrix G = X X^T of X = M / cap (wide orientation).
+# With B = G - I and S = sign(B) (Su's de-nesting: sign(sigma - 1) = sign(sigma^2 - 1)),
+# C = (G + I + B S) / 2 has eigenvalues max(sigma^2, 1), so C^{-1/2} X = U min(sigma, 1) V^T.
+# C >= I is well conditioned: C^{-1/2} never amplifies rounding (unlike msign(X) on tiny
+# singular values), and the only m x n products are G and the final C^{-1/2} X.
+HARD_CAP_TOL = 1e-3        # relative accuracy the step counts below are derived for
+HARD_CAP_PASS_RANGE = 2.0  # one pass handles sigma_max <= 2 cap; larger inputs get a cascade
+_QUINTIC_TAIL = (1.875, -1.25, 0.375)  # convergent quintic for the inverse square root
+_STEPS_CACHE: dict[float, int] = {}
+
+
+def _sign_steps(norm_bound: float) -> int:
+    """Polar Express steps for sign(B) with eigenvalues |b| <= norm_bound: a wrong sign fraction e
+    at b moves the output singular value by ~ e |b| / 4, so require e(x) x <= TOL / norm_bound."""
+    if norm_bound not in _STEPS_CACHE:
+        x = np.logspace(-12, 0, 4000) / PE_SAFETY
+        for steps in range(1, 40):
+            y = x.copy()
+            for a, b, c in ns_coefficients(steps):
+                y = a * y + b * y**3 + c * y**5
+            if (np.abs(1 - y) * x).max() <= HARD_CAP_TOL / norm_bound:
+                _STEPS_CACHE[norm_bound] = steps
+                break
+        else:
+            raise AssertionError("unreachable: 40 Polar Express steps resolve any fp32 spectrum")
+    return _STEPS_CACHE[norm_bound]
+
+
+def _inv_sqrt_steps(s_min: float) -> int:
+    """Quintic steps taking every normalized singular value in [s_min, 1] to 1 within 1e-7."""
+    s, steps = s_min, 0
+    while s > 0 and 1 - s > 1e-7:
+        s, steps = s * (_QUINTIC_TAIL[0] + _QUINTIC_TAIL[1] * s**2 + _QUINTIC_TAIL[2] * s**4), steps + 1
+    return steps
+
+
+def _gram_upper_bound(G: torch.Tensor) -> torch.Tensor:
+    """Upper bound on lambda_max of each PSD G (..., m, m): the Schatten-16 norm, computed on
+    G / ||G||_F so that nothing overflows; at most m^(1/16) (1.5 for m = 768) times too large."""
+    f = torch.linalg.matrix_norm(G, keepdim=True)
+    P = G / (f + 1e-30)
+    for _ in range(3):
+        P = P @ P
+    return f * torch.linalg.matrix_norm(P, keepdim=True) ** 0.125
+
+
+def _sym_sign(B: torch.Tensor, steps: int) -> torch.Tensor:
+    """sign(B) of symmetric B (..., m, m) with spectral norm <= 1 (Polar Express steps)."""
+    for a, b, c in ns_coefficients(steps):
+        A = B @ B
+        B = a * B + (b * A + c * (A @ A)) @ B
+    return 0.5 * (B + B.mT)
+
+
+def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tensor) -> torch.Tensor:
+    """U min(sigma, cap) V^T of wide X (..., m, n) with Gram G = X X^T, given sigma_max(X) <= rho cap."""
+    G = G / cap**2
+    eye = torch.eye(G.size(-1), device=G.device, dtype=G.dtype)
+    nb = max(1.0, rho**2 - 1.0) * 1.01               # ||G - I||_2 <= max(1, lambda_max - 1), 1% rounding slack
+    B = G - eye
+    S = _sym_sign(B / nb, _sign_steps(math.ceil(nb * 100) / 100))
+    C = 0.5 * (G + eye + B @ S)
+    C = 0.5 * (C + C.mT)
+    nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
+    A, Q = C / nu, eye.expand_as(C)
+    a, b, c = _QUINTIC_TAIL
+    for _ in range(_inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)):
+        P = a * eye + b * A + c * (A @ A)
+        Q, A = P @ Q, P @ (P @ A)
+    return (Q @ X) / math.sqrt(nu)
+
+
 def c_hard_cap(M, p):
-    """Exact min(sigma, w_max) on every singular value, via the de-nested msign formula
-    mclip(X) = (X + O + msign(X X^T - I)(O - X)) / 2, O = msign(X), X = M / w_max (Su, mclip v2)."""
+    """Exact min(sigma, w_max) on every singular value (to HARD_CAP_TOL relative, fp32).
+
+    Su's de-nested sign formula on the Gram matrix (see the comment above). Inputs with
+    sigma_max > HARD_CAP_PASS_RANGE w_max (bounded by the Schatten-16 norm, one host sync) are
+    first clipped at geometrically decreasing caps; clipping at c >= w_max and then at w_max
+    equals clipping at w_max, so the cascade is exact and each pass sees a bounded range."""
     wide = M.size(-2) <= M.size(-1)
-    X = (M if wide else M.mT).float() / p.w_max
-    O = msign(X, MSIGN_EXACT_STEPS, torch.float32)
-    eye = torch.eye(X.size(-2), device=X.device, dtype=X.dtype)
-    S = msign(X @ X.mT - eye, MSIGN_EXACT_STEPS, torch.float32)
-    Y = 0.5 * (X + O + S @ (O - X)) * p.w_max
-    return Y if wide else Y.mT
+    X = (M if wide else M.mT).float()
+    w = float(p.w_max)
+    G = X @ X.mT
+    ub = _gram_upper_bound(G).sqrt() * (1 + 1e-3) / w   # sigma_max / w_max, with fp32 slack
+    top = float(ub.max())
+    R = HARD_CAP_PASS_RANGE
+    passes = 1 if top <= R else math.ceil(math.log(top) / math.log(R))
+    for k in range(1, passes + 1):
+        caps = torch.clamp(ub / R**k, min=1.0) if k < passes else torch.ones_like(ub)
+        rho = min(top, R * (1 + 2 * HARD_CAP_TOL)) if passes > 1 else top
+        X = _hard_cap_pass(X, caps * w, max(rho, 1.0), G if k == 1 else X @ X.mT)
+    return X if wide else X.mT
 
 
 # The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
-# X = M / w_max without normalization. Max error 0.034 on [0, 1.5]; it stays <= 1.011 for
-# sigma <= 3.5 w_max and diverges beyond ~4 w_max, so larger inputs are refused.
+# X = M / w_max without normalization. Measured in float64 on a 1e-5 grid: error 0.034 on [0, 1.5]
+# (h(1) = 0.966); max of h on [0, x] is 1.0109 for every x <= 4.05 and then explodes (sign flip
+# near 4.06, h(4.5) ~ 3e81). The limit is applied to the power-iteration sigma, a lower estimate
+# (a few % low when cold): 3.5 leaves a 15% margin below 4.05.
 HARD_CAP_POLY = [(0.805032, 0.206361, -0.019763), (0.649867, 0.162935, -0.011150),
                  (1.810259, -0.200265, 0.008251), (1.004384, -0.183490, 0.014413)]
-HARD_CAP_POLY_MAX_INPUT = 3.0  # sigma / w_max, with margin below 3.5 for the power-iteration estimate
+HARD_CAP_POLY_MAX_INPUT = 3.5  # sigma / w_max
+HARD_CAP_POLY_MAX_OUTPUT = 1.011  # sup of h on [0, 4.05]: the polynomial's own overshoot of the cap
 
 
 def c_hard_cap_poly(M, p):
-    """The paper's fixed hard-cap polynomial (reproduction only; valid for sigma <= 3 w_max)."""
+    """The paper's fixed hard-cap polynomial (reproduction only; refuses sigma > 3.5 w_max)."""
     ratio = float((p.sigma / p.w_max).max())
     if ratio > HARD_CAP_POLY_MAX_INPUT:
         raise ValueError(f"hard_cap_poly is only valid for sigma_max <= {HARD_CAP_POLY_MAX_INPUT} w_max, got ~{ratio:.3g} w_max; "
@@ -448,7 +547,8 @@ def c_hard_cap_poly(M, p):
 
 
 def c_stiefel(M, p):
-    """All singular values to w_max: w_max msign(M)."""
+    """All singular values to w_max: w_max msign(M) (fp32, 12 steps: exact for singular values
+    >= 4e-5 ||M||_F; smaller ones come out between 0 and w_max; a zero matrix stays zero)."""
     return msign(M, MSIGN_EXACT_STEPS, torch.float32) * p.w_max
 
 
@@ -465,7 +565,9 @@ CONSTRAINTS = {
     "stiefel": c_stiefel, "svd_clip": c_svd_clip,
 }
 NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer", "hard_cap_poly"}
-# Methods after which sigma_max <= w_max holds (up to numerics): the certificate may rely on them.
+# Methods after which sigma_max <= w_max holds (hard_cap, stiefel, svd_clip: to 1e-3 relative;
+# soft_cap: by Theorem 3.1 given the coupling; spectral_normalize: as far as the warm-started
+# power-iteration sigma_1 is exact, which tests/test_constraints.py checks to 1e-3).
 GUARANTEED = {"spectral_normalize", "soft_cap", "hard_cap", "stiefel", "svd_clip"}
 assert set(CONSTRAINTS) == set(CHOICES["constraint"])
 
