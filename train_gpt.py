@@ -488,12 +488,15 @@ def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tens
     C = 0.5 * (G + eye + B @ S)
     C = 0.5 * (C + C.mT)
     nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
-    A, Q = C / nu, eye.expand_as(C)
+    A, Q = C / nu, None
     a, b, c = _QUINTIC_TAIL
-    for _ in range(_inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)):
+    steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)
+    for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
         P = a * eye + b * A + c * (A @ A)
-        Q, A = P @ Q, P @ (P @ A)
-    return (Q @ X) / math.sqrt(nu)
+        Q = P if Q is None else P @ Q
+        if i < steps - 1:
+            A = P @ (P @ A)
+    return ((eye if Q is None else Q) @ X) / math.sqrt(nu)
 
 
 def c_hard_cap(M, p):
