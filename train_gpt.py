@@ -870,7 +870,8 @@ class GPT(nn.Module):
             b.attn.proj.zero_()
             b.mlp.proj.zero_()
         nn.init.normal_(self.embed.weight)
-        self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
+        if cfg.arch == "lipschitz":
+            self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
         self.head.zero_()
 
     def hidden_matrices(self):
@@ -1223,6 +1224,9 @@ def build_optimizers(model: GPT, cfg: Config):
 
 @torch.no_grad()
 def project_rowwise(model: GPT, cfg: Config) -> None:
+    """Embedding rows and a non-spectral head's rows (Lipschitz arch only: the baseline has no constraints)."""
+    if cfg.arch != "lipschitz":
+        return
     model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
     if not cfg.head_spectral:
         model.head.copy_(project_rows(model.head, cfg.head_w_max))

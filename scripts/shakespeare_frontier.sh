@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The tiny-Shakespeare Lipschitz-vs-loss frontier (the paper's small-scale experiment), in one command:
+# Muon x {soft_cap, spectral_normalize, hard_cap} over a w_max grid, AdamW + spectral_hammer and
+# AdamW + weight_decay, the baseline architecture, a learning-rate check and a second seed for the
+# points that matter; then every certificate, the results table and the frontier plot.
+#
+#   scripts/shakespeare_frontier.sh --full --jobs 12      # the paper's protocol (GPU: ~1 min a run)
+#   scripts/shakespeare_frontier.sh --short               # reduced protocol for 2 CPU cores (not the paper's numbers)
+#
+# Options
+#   --full | --short   protocol: full = 2000 steps of 64 x 256 tokens (paper); short = 400 steps of 16 x 256
+#   --jobs N           runs at once (default 1; one GPU holds a dozen of these small runs at once)
+#   --out DIR          sweep directory (default logs/shakespeare_<protocol>)
+#   --dry_run          print the runs, train nothing
+#   -- ARGS            passed to every train_gpt.py run (e.g. --device cpu --dtype fp32)
+# Re-running fills gaps: runs with ckpt_final.pt are skipped. Output: DIR/<run>/, DIR/results.md,
+# DIR/frontier.png (tight certificate) and DIR/frontier_paper.png (published algorithm).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+die() { echo "shakespeare_frontier.sh: error: $*" >&2; exit 2; }
+
+PROTO=short JOBS=1 OUT="" DRY=0 EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --full) PROTO=full; shift ;;
+    --short) PROTO=short; shift ;;
+    --jobs) JOBS="${2:?--jobs needs a number}"; shift 2 ;;
+    --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    --dry_run) DRY=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) die "unknown option '$1'; see --help" ;;
+  esac
+done
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, got '$JOBS'"
+OUT="${OUT:-logs/shakespeare_$PROTO}"
+CONFIG="$REPO/configs/shakespeare_char.toml"
+BASELINE="$REPO/configs/paper/shakespeare_baseline.toml"
+
+if [ "$PROTO" = full ]; then
+  PROTO_ARGS=(--num_steps 2000)
+  W_GRID="1.0 1.25 1.5 1.75 2.0 2.25 2.5 2.75 3.0 4.0 5.0 6.0"
+  W_ADAM="1.0 2.0 3.0 6.0"
+  BASE_ARGS=(--num_steps 2000 --n_layer 3 --n_head 4 --d_model 256)   # baseline at the Lipschitz model's shape
+  NANOGPT_BASE=1                                                       # and nanoGPT's own (d 384, 6 layers, 5000 steps)
+else
+  PROTO_ARGS=(--num_steps 400 --batch_tokens 4096 --micro_batch_tokens 4096 --eval_every 200 --momentum_warmup_steps 50)
+  W_GRID="1.0 1.5 2.0 3.0 6.0"
+  W_ADAM="1.0 3.0"
+  BASE_ARGS=(--num_steps 400 --batch_tokens 4096 --micro_batch_tokens 4096 --eval_every 200 --n_layer 3 --n_head 4 --d_model 256)
+  NANOGPT_BASE=0
+fi
+KEY_W="1.5 2.0 6.0"             # the points that get a second seed
+LR_GRID="0.05 0.2"              # learning rates tried around the config's at w_max 2 (soft cap)
+ADAM_LR=0.003
+WD_GRID="0.1 1.0 10.0"
+
+# one line per run: NAME CONFIG ARGS...
+RUNS=()
+for c in soft_cap spectral_normalize hard_cap; do
+  for w in $W_GRID; do RUNS+=("muon_${c}_w${w}_s0 $CONFIG --constraint $c --w_max $w --head_w_max $w --seed 0"); done
+done
+for w in $KEY_W; do RUNS+=("muon_soft_cap_w${w}_s1 $CONFIG --constraint soft_cap --w_max $w --head_w_max $w --seed 1"); done
+for lr in $LR_GRID; do
+  RUNS+=("muon_soft_cap_w2.0_lr${lr}_s0 $CONFIG --constraint soft_cap --w_max 2.0 --head_w_max 2.0 --lr_hidden $lr --lr_head $lr --seed 0")
+done
+for w in $W_ADAM; do
+  RUNS+=("adamw_spectral_hammer_w${w}_s0 $CONFIG --optimizer adamw --constraint spectral_hammer --w_max $w --head_w_max $w --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
+done
+for wd in $WD_GRID; do
+  RUNS+=("adamw_weight_decay_wd${wd}_s0 $CONFIG --optimizer adamw --constraint weight_decay --wd $wd --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
+done
+for s in 0 1; do RUNS+=("baseline_s$s $BASELINE ${BASE_ARGS[*]} --seed $s"); done
+[ "$NANOGPT_BASE" = 1 ] && RUNS+=("baseline_nanogpt_s0 $BASELINE --seed 0")
+
+run_one() {  # NAME CONFIG ARGS...
+  local name=$1 config=$2; shift 2
+  local dir="$OUT/$name"
+  if [ -f "$dir/ckpt_final.pt" ]; then echo "$name: finished, skipped"; return 0; fi
+  if [ -e "$dir" ]; then echo "$name: $dir holds an unfinished run; delete it to retry" >&2; return 1; fi
+  local proto=("${PROTO_ARGS[@]}")
+  [[ "$name" == baseline* ]] && proto=()
+  if "$PY" "$REPO/train_gpt.py" --config "$config" "${proto[@]}" "$@" "${EXTRA[@]+"${EXTRA[@]}"}" --out_dir "$dir" \
+      > "$OUT/$name.out" 2>&1; then
+    echo "$name: $(grep -E 'val_loss' "$dir/log.txt" | tail -1)"
+  else
+    echo "$name: FAILED (see $OUT/$name.out)" >&2; return 1
+  fi
+}
+
+echo "shakespeare frontier ($PROTO protocol): ${#RUNS[@]} runs into $OUT, $JOBS at a time"
+if [ "$DRY" = 1 ]; then printf '%s\n' "${RUNS[@]}"; exit 0; fi
+mkdir -p "$OUT"
+export -f run_one
+export OUT PY REPO
+export PROTO_ARGS_STR="${PROTO_ARGS[*]}" EXTRA_STR="${EXTRA[*]+"${EXTRA[*]}"}"
+status=0
+printf '%s\n' "${RUNS[@]}" | xargs -P "$JOBS" -L 1 bash -c \
+  'PROTO_ARGS=($PROTO_ARGS_STR); EXTRA=($EXTRA_STR); run_one "$@"' _ || status=$?
+
+DIRS=()
+for d in "$OUT"/*/; do [ -f "$d/ckpt_final.pt" ] && DIRS+=("${d%/}"); done
+[ "${#DIRS[@]}" -gt 0 ] || die "no run finished in $OUT"
+"$PY" "$REPO/scripts/results_table.py" --certify --out "$OUT/results.md" "${DIRS[@]}"
+"$PY" "$REPO/scripts/plot_frontier.py" --mode tight --out "$OUT/frontier.png" --title "tiny Shakespeare ($PROTO), tight certificate" "${DIRS[@]}"
+"$PY" "$REPO/scripts/plot_frontier.py" --mode paper --out "$OUT/frontier_paper.png" --title "tiny Shakespeare ($PROTO), published algorithm" "${DIRS[@]}"
+echo "done: $OUT/results.md, $OUT/frontier.png"
+[ "$status" = 0 ] || die "some runs failed (listed above); re-run the same command to retry them"
