@@ -303,27 +303,37 @@ def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> t
     return X.mT if transpose else X
 
 
+POWER_KRYLOV_DIM = 8  # Rayleigh-Ritz space of power_iteration: its last 7 products with M^T M, plus the start
+
+
 def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
     """Top singular triplet estimate of each matrix in M (..., m, n) from start vectors v (..., n).
 
-    `iters` products with M^T M from v, then Rayleigh-Ritz on all the iterates (the best
-    estimate in their Krylov space: never worse than the last iterate alone, and ~3x closer when
-    the top of the spectrum is clustered). Returns (u, sigma, v) with M v = sigma u. sigma is a
-    lower estimate of sigma_max: use it to steer projections, never in a certificate. An
-    all-zero matrix gives sigma = 0, u = 0 and a unit v, so a warm-started v never collapses."""
+    `iters` products with M^T M from v; the last min(iters, POWER_KRYLOV_DIM - 1, n - 1) of them
+    build an orthonormal Krylov basis (Lanczos with full re-orthogonalization: matmuls only, no
+    QR call) and Rayleigh-Ritz picks the best vector in it: never worse than plain power
+    iteration, and ~3x closer when the top of the spectrum is clustered. Returns (u, sigma, v),
+    M v = sigma u. sigma is a lower estimate of sigma_max: use it to steer projections, never in
+    a certificate. An all-zero matrix gives sigma = 0 and keeps v, so a warm start never collapses."""
     M = M.float()
-    v = F.normalize(v.float(), dim=-1, eps=1e-30)
-    basis = [v]
-    for _ in range(max(iters, 1)):
-        v = F.normalize((M.mT @ (M @ v.unsqueeze(-1))).squeeze(-1), dim=-1, eps=1e-30)
-        basis.append(v)
-    Q = torch.linalg.qr(torch.stack(basis, dim=-1)).Q   # (..., n, k), orthonormal, k = iters + 1
+    v = F.normalize(v.float(), dim=-1, eps=1e-30).unsqueeze(-1)   # (..., n, 1)
+    iters = max(iters, 1)
+    k = min(iters, POWER_KRYLOV_DIM - 1, M.size(-1) - 1)
+    for _ in range(iters - k):
+        w = M.mT @ (M @ v)
+        v = torch.where(w.norm(dim=-2, keepdim=True) > 0, F.normalize(w, dim=-2, eps=1e-30), v)
+    Q = v
+    for _ in range(k):
+        w = M.mT @ (M @ Q[..., -1:])
+        for _ in range(2):
+            w = w - Q @ (Q.mT @ w)
+        Q = torch.cat([Q, F.normalize(w, dim=-2, eps=1e-30)], dim=-1)   # (..., n, k + 1)
     MQ = M @ Q
-    y = torch.linalg.eigh(MQ.mT @ MQ).eigenvectors[..., -1]   # top Ritz vector of the k x k Gram
-    v = (Q @ y.unsqueeze(-1)).squeeze(-1)
+    y = torch.linalg.eigh(MQ.mT @ MQ).eigenvectors[..., -1:]   # top Ritz vector of the small Gram
+    x = Q @ y
+    v = torch.where(x.norm(dim=-2, keepdim=True) > 0.5, x, v).squeeze(-1)
     Mv = (M @ v.unsqueeze(-1)).squeeze(-1)
-    sigma = Mv.norm(dim=-1)
-    return F.normalize(Mv, dim=-1, eps=1e-30), sigma, v
+    return F.normalize(Mv, dim=-1, eps=1e-30), Mv.norm(dim=-1), v
 
 
 def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
@@ -569,9 +579,10 @@ CONSTRAINTS = {
 }
 NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer", "hard_cap_poly"}
 # Methods after which sigma_max <= w_max holds (hard_cap, stiefel, svd_clip: to 1e-3 relative;
-# soft_cap: by Theorem 3.1 given the coupling; spectral_normalize: as far as the warm-started
-# power-iteration sigma_1 is exact, which tests/test_constraints.py checks to 1e-3).
-GUARANTEED = {"spectral_normalize", "soft_cap", "hard_cap", "stiefel", "svd_clip"}
+# soft_cap: by Theorem 3.1 given the coupling). spectral_normalize is not among them: it holds
+# only as far as the power-iteration sigma_1 is exact, and the warm-started estimate lags a
+# clustered top by up to ~0.9% under Muon-sized steps (scripts/bench_constraints.py).
+GUARANTEED = {"soft_cap", "hard_cap", "stiefel", "svd_clip"}
 assert set(CONSTRAINTS) == set(CHOICES["constraint"])
 
 

@@ -70,7 +70,8 @@ def test_hard_cap_matches_svd_clip(shape, name):
 @pytest.mark.parametrize("method", ["hard_cap", "stiefel", "svd_clip", "spectral_normalize"])
 @pytest.mark.parametrize("shape,name", CASES)
 def test_guaranteed_methods_cap_sigma(method, shape, name):
-    assert method in T.GUARANTEED
+    """The guaranteed methods, and spectral_normalize given a converged power iteration."""
+    assert method in T.GUARANTEED or method == "spectral_normalize"
     M = make(*shape, spectra(min(shape), np.random.default_rng(1))[name], seed=4)
     Y = T.CONSTRAINTS[method](M, args_for(M, 1.0, iters=400))
     assert torch.isfinite(Y).all()
