@@ -144,7 +144,7 @@ def step_fraction(device, repeats, methods):
     return out
 
 
-def tracking(device, lr_values=(1e-3, 0.02, 0.05), steps=25):
+def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
     """How far the warm-started estimate (cfg.power_iters per step) lags sigma_1 while the matrix
     takes full-rank Muon-shaped steps of RMS->RMS size lr (spectrum with a clustered top)."""
     iters = T.Config().power_iters

@@ -172,7 +172,7 @@ def test_spectral_normalize_and_spectral_wd():
 
 def test_power_iteration_warm_start_tracks_sigma():
     """Cold start (32 iterations), then cfg.power_iters warm iterations per step while the matrix
-    drifts by 0.1% of sigma_1 per step (full-rank, Muon-shaped): the estimate stays within 1e-3
+    drifts by 0.05% of sigma_1 per step (full-rank, Muon-shaped): the estimate stays within 1e-3
     of sigma_1 (and below it). Muon-sized steps (lr ~ 2-5%) make it lag by up to ~0.5%:
     scripts/bench_constraints.py measures that."""
     g = torch.Generator().manual_seed(11)
@@ -182,7 +182,7 @@ def test_power_iteration_warm_start_tracks_sigma():
     iters = T.Config().power_iters
     for t in range(20):
         if t:
-            W = W + 1e-3 * T.msign(torch.randn(256, 768, generator=g), 5)
+            W = W + 5e-4 * T.msign(torch.randn(256, 768, generator=g), 5)
         _, sigma, v = T.power_iteration(W, v, 32 if t == 0 else iters)
         exact = float(T.spectral_norm_exact(W))
         assert exact * (1 - 1e-3) <= float(sigma) <= exact * (1 + 1e-6), t
