@@ -284,6 +284,14 @@ def ns_max_stretch(steps: int) -> float:
     return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
 
 
+def _mm_add(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """beta C + alpha A @ B for matrices or equally shaped stacks (..., m, k) @ (..., k, n): one
+    batched GEMM with the scaling and the sum fused (baddbmm), not three elementwise passes."""
+    def flat(X):
+        return X.reshape(-1, X.size(-2), X.size(-1))
+    return torch.baddbmm(flat(C), flat(A), flat(B), beta=beta, alpha=alpha).reshape(C.shape)
+
+
 def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
 
@@ -297,8 +305,7 @@ def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> t
     X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
     for a, b, c in ns_coefficients(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        X = _mm_add(X, _mm_add(A, A, A, b, c), X, a, 1.0)  # a X + (b A + c A^2) X
     X = X.float()
     return X.mT if transpose else X
 
@@ -388,8 +395,8 @@ class ProjArgs:
 def _gram_apply(M: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """a M + b M M^T M, with the Gram matrix formed on the smaller side."""
     if M.size(-2) <= M.size(-1):
-        return a * M + b * ((M @ M.mT) @ M)
-    return a * M + b * (M @ (M.mT @ M))
+        return _mm_add(M, M @ M.mT, M, a, b)
+    return _mm_add(M, M, M.mT @ M, a, b)
 
 
 def _rank1(p: ProjArgs) -> torch.Tensor:
@@ -484,7 +491,7 @@ def _sym_sign(B: torch.Tensor, steps: int) -> torch.Tensor:
     """sign(B) of symmetric B (..., m, m) with spectral norm <= 1 (Polar Express steps)."""
     for a, b, c in ns_coefficients(steps):
         A = B @ B
-        B = a * B + (b * A + c * (A @ A)) @ B
+        B = _mm_add(B, _mm_add(A, A, A, b, c), B, a, 1.0)  # a B + (b A + c A^2) B
     return 0.5 * (B + B.mT)
 
 
@@ -502,7 +509,7 @@ def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tens
     a, b, c = _QUINTIC_TAIL
     steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)
     for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
-        P = a * eye + b * A + c * (A @ A)
+        P = _mm_add(b * A + a * eye, A, A, 1.0, c)
         Q = P if Q is None else P @ Q
         if i < steps - 1:
             A = P @ (P @ A)
@@ -648,8 +655,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 if world > 1:
                     self._all_gather(params, new_w if mine else None, new_v if mine else None, rank, world)
                 else:
-                    for p, w in zip(params, new_w):
-                        p.copy_(w)
+                    torch._foreach_copy_(params, new_w)
                     if new_v is not None:
                         for p, v in zip(params, new_v):
                             self.state[p]["v"] = v
@@ -682,14 +688,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         if self.kind == "muon":
             mu = group["momentum"]
-            for s, g in zip(states, G):
-                s.setdefault("momentum_buffer", torch.zeros_like(g))
-            buf = torch.stack([s["momentum_buffer"] for s in states])
+            buf = self._stacked_state(states, "momentum_buffer", G)
             buf.lerp_(G, 1 - mu)
-            upd = msign(G.lerp(buf, mu), self.ns_steps)  # Nesterov
-            for s, b in zip(states, buf):
-                s["momentum_buffer"] = b
-            W = W - (lr * rms_scale(W)) * upd
+            upd = msign(G.lerp_(buf, mu), self.ns_steps)  # Nesterov (G is this call's own copy)
+            W.add_(upd, alpha=-lr * rms_scale(W))
         else:  # adamw: the decay is the constraint 'weight_decay'
             b1, b2 = self.betas
             for s, g in zip(states, G):
@@ -703,6 +705,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 s["exp_avg"], s["exp_avg_sq"], s["t"] = mi, vi, t
             W = W - lr * upd
         return self._project(W, params, states, group, ids)
+
+    @staticmethod
+    def _stacked_state(states, key, like):
+        """One stacked tensor of a state entry (zeros where missing) whose rows stay the per-param
+        entries (views): reused as is on the next step unless an entry was replaced (a loaded
+        checkpoint), so the per-step stack-and-split copies are gone."""
+        bufs = [s.get(key) for s in states]
+        base = bufs[0]._base if bufs[0] is not None else None
+        if base is not None and base.shape == like.shape and all(
+                b is not None and b._base is base and b.data_ptr() == base[i].data_ptr() for i, b in enumerate(bufs)):
+            return base
+        base = torch.stack([b if b is not None else torch.zeros_like(g) for b, g in zip(bufs, like)])
+        for s, b in zip(states, base):
+            s[key] = b
+        return base
 
     def _project(self, W, params, states, group, ids):
         name, w_max = group["constraint"], group["w_max"]
@@ -835,7 +852,8 @@ class MLP(nn.Module):
         self.div = 1.0 if cfg.arch == "baseline" else GELU_MAX_SLOPE
 
     def forward(self, x):
-        return F.linear(F.gelu(F.linear(x, self.fc)) / self.div, self.proj)
+        # proj (gelu(h) / div) computed as (proj gelu(h)) / div: equal, and the division runs on the d-wide output
+        return F.linear(F.gelu(F.linear(x, self.fc)), self.proj) / self.div
 
 
 class Block(nn.Module):
