@@ -418,7 +418,8 @@ def summary_line(cert: dict) -> str:
         if m in modes:
             lg = modes[m]["log10_bound"]
             flag = "" if modes[m].get("sound", True) else " (unsound)"
-            parts.append(f"{m} {fmt(lg)} (10^{lg:.2f}){flag}")
+            shown = fmt(lg)
+            parts.append(f"{m} {shown}" + ("" if shown.startswith("10^") else f" (10^{lg:.2f})") + flag)
     if "log10_empirical_lower" in cert:
         parts.append(f"empirical >= {fmt(cert['log10_empirical_lower'])}")
     return "certificate: " + ", ".join(parts) + "; embedding outputs -> logits, max-position RMS norms"

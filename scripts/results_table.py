@@ -161,13 +161,18 @@ def markdown_table(rows: list[dict]) -> str:
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         c = r["config"]
-        extra = []
+        extra = []  # the settings that move a run along the frontier besides sigma_max
+        if c.get("arch", "lipschitz") == "lipschitz":
+            extra.append(f"softmax scale {c.get('softmax_scale', math.nan):g}")
         if c.get("final_scale", 1.0) != 1.0:
             extra.append(f"final scale {c['final_scale']:g}")
+        if c.get("constraint") in ("weight_decay", "spectral_wd"):
+            extra.append(f"wd {c.get('wd', math.nan):g}")
+        extra.append(f"lr {c.get('lr_hidden', math.nan):g}")
         constraint = c.get("constraint", "?") + (f" ({', '.join(extra)})" if extra else "")
         steps = f"{r['step']} / {fmt_tokens(r['step'] * c.get('batch_tokens', 0))}" + ("" if r["finished"] else " (unfinished)")
         cells = [model_name(c), c.get("optimizer", "?"), constraint,
-                 "-" if c.get("constraint") == "none" else f"{c.get('w_max', math.nan):g}", steps,
+                 "-" if c.get("constraint") in ("none", "weight_decay") else f"{c.get('w_max', math.nan):g}", steps,
                  ",".join(str(s) for s in r["seeds"]), fmt_bound(r["log10_paper"]), fmt_bound(r["log10_tight"]),
                  fmt_value(r["val_acc"]), fmt_value(r["val_loss"]), fmt_value(r["max_act_entry"], 4, "g")]
         out.append("| " + " | ".join(cells) + " |")

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The tiny-Shakespeare Lipschitz-vs-loss frontier (the paper's small-scale experiment), in one command:
-# Muon x {soft_cap, spectral_normalize, hard_cap} over a w_max grid, AdamW + spectral_hammer and
-# AdamW + weight_decay, the baseline architecture, a learning-rate check and a second seed for the
-# points that matter; then every certificate, the results table and the frontier plot.
+# Muon x soft_cap over w_max x softmax_scale x final_scale, Muon x {spectral_normalize, hard_cap} over
+# w_max, AdamW + spectral_hammer and AdamW + weight_decay, the unconstrained Lipschitz architecture,
+# the baseline architecture, a learning-rate check and a second seed for the points that matter; then
+# every certificate, the results table and the frontier plots.
 #
 #   scripts/shakespeare_frontier.sh --full --jobs 12      # the paper's protocol (GPU: ~1 min a run)
 #   scripts/shakespeare_frontier.sh --short               # reduced protocol for 2 CPU cores (not the paper's numbers)
 #
 # Options
 #   --full | --short   protocol: full = 2000 steps of 64 x 256 tokens (paper); short = 400 steps of 16 x 256
+#                      and a smaller grid
 #   --jobs N           runs at once (default 1; one GPU holds a dozen of these small runs at once)
 #   --out DIR          sweep directory (default logs/shakespeare_<protocol>)
 #   --dry_run          print the runs, train nothing
@@ -38,41 +40,41 @@ OUT="${OUT:-logs/shakespeare_$PROTO}"
 CONFIG="$REPO/configs/shakespeare_char.toml"
 BASELINE="$REPO/configs/paper/shakespeare_baseline.toml"
 
+# The frontier is traced by w_max (all matrices, head included) and by the two scales that trade
+# loss for certified bound: softmax_scale s (attention sharpness) and final_scale (logit scale).
 if [ "$PROTO" = full ]; then
   PROTO_ARGS=(--num_steps 2000)
-  W_GRID="1.0 1.25 1.5 1.75 2.0 2.25 2.5 2.75 3.0 4.0 5.0 6.0"
-  W_ADAM="1.0 2.0 3.0 6.0"
+  W_GRID="1.0 2.0 3.0"; SS_GRID="4 16"; FS_GRID="2 8"
   BASE_ARGS=(--num_steps 2000 --n_layer 3 --n_head 4 --d_model 256)   # baseline at the Lipschitz model's shape
   NANOGPT_BASE=1                                                       # and nanoGPT's own (d 384, 6 layers, 5000 steps)
 else
   PROTO_ARGS=(--num_steps 400 --batch_tokens 4096 --micro_batch_tokens 4096 --eval_every 200 --momentum_warmup_steps 50)
-  W_GRID="1.0 1.5 2.0 3.0 6.0"
-  W_ADAM="1.0 3.0"
+  W_GRID="1.0 2.0 3.0"; SS_GRID="16"; FS_GRID="2 8"
   BASE_ARGS=(--num_steps 400 --batch_tokens 4096 --micro_batch_tokens 4096 --eval_every 200 --n_layer 3 --n_head 4 --d_model 256)
   NANOGPT_BASE=0
 fi
-KEY_W="1.5 2.0 6.0"             # the points that get a second seed
-LR_GRID="0.05 0.2"              # learning rates tried around the config's at w_max 2 (soft cap)
+REF="--softmax_scale 16 --final_scale 2"   # the reference scales for the other methods, seeds and lr checks
 ADAM_LR=0.003
-WD_GRID="0.1 1.0 10.0"
 
 # one line per run: NAME CONFIG ARGS...
 RUNS=()
-for c in soft_cap spectral_normalize hard_cap; do
-  for w in $W_GRID; do RUNS+=("muon_${c}_w${w}_s0 $CONFIG --constraint $c --w_max $w --head_w_max $w --seed 0"); done
+[ "$NANOGPT_BASE" = 1 ] && RUNS+=("baseline_nanogpt_s0 $BASELINE --seed 0")   # longest first
+RUNS+=("baseline_s0 $BASELINE ${BASE_ARGS[*]} --seed 0")
+for w in $W_GRID; do for ss in $SS_GRID; do for fs in $FS_GRID; do
+  RUNS+=("muon_soft_cap_w${w}_ss${ss}_fs${fs}_s0 $CONFIG --constraint soft_cap --w_max $w --head_w_max $w --softmax_scale $ss --final_scale $fs --seed 0")
+done; done; done
+for c in spectral_normalize hard_cap; do for w in $W_GRID; do
+  RUNS+=("muon_${c}_w${w}_ss16_fs2_s0 $CONFIG --constraint $c --w_max $w --head_w_max $w $REF --seed 0")
+done; done
+for w in 1.0 2.0; do RUNS+=("muon_soft_cap_w${w}_ss16_fs2_s1 $CONFIG --constraint soft_cap --w_max $w --head_w_max $w $REF --seed 1"); done
+RUNS+=("muon_soft_cap_w2.0_ss16_fs2_lr0.02_s0 $CONFIG --constraint soft_cap --w_max 2.0 --head_w_max 2.0 $REF --lr_hidden 0.02 --lr_head 0.02 --seed 0")
+RUNS+=("muon_none_ss16_fs2_s0 $CONFIG --constraint none $REF --seed 0")
+for w in 1.0 3.0; do
+  RUNS+=("adamw_spectral_hammer_w${w}_ss16_fs2_s0 $CONFIG --optimizer adamw --constraint spectral_hammer --w_max $w --head_w_max $w $REF --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
 done
-for w in $KEY_W; do RUNS+=("muon_soft_cap_w${w}_s1 $CONFIG --constraint soft_cap --w_max $w --head_w_max $w --seed 1"); done
-for lr in $LR_GRID; do
-  RUNS+=("muon_soft_cap_w2.0_lr${lr}_s0 $CONFIG --constraint soft_cap --w_max 2.0 --head_w_max 2.0 --lr_hidden $lr --lr_head $lr --seed 0")
+for wd in 0.1 1.0; do
+  RUNS+=("adamw_weight_decay_wd${wd}_ss16_fs2_s0 $CONFIG --optimizer adamw --constraint weight_decay --wd $wd $REF --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
 done
-for w in $W_ADAM; do
-  RUNS+=("adamw_spectral_hammer_w${w}_s0 $CONFIG --optimizer adamw --constraint spectral_hammer --w_max $w --head_w_max $w --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
-done
-for wd in $WD_GRID; do
-  RUNS+=("adamw_weight_decay_wd${wd}_s0 $CONFIG --optimizer adamw --constraint weight_decay --wd $wd --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
-done
-for s in 0 1; do RUNS+=("baseline_s$s $BASELINE ${BASE_ARGS[*]} --seed $s"); done
-[ "$NANOGPT_BASE" = 1 ] && RUNS+=("baseline_nanogpt_s0 $BASELINE --seed 0")
 
 run_one() {  # NAME CONFIG ARGS...
   local name=$1 config=$2; shift 2
