@@ -230,7 +230,7 @@ def loss_check(model, fwd, autocast_ctx, x, y) -> dict:
     weights and batch. Grad mode stays on in the configured pass so a compiled model reuses its
     training graph instead of compiling an inference one."""
     with autocast_ctx:
-        got = float(fwd(x, y))
+        got = float(fwd(x, y).detach())
     with torch.no_grad():
         ref = float(model(x, y))
     rel = abs(got - ref) / max(abs(ref), 1e-12)
