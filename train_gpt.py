@@ -974,7 +974,7 @@ def find_shards(pattern: str, what: str) -> list[str]:
     files = sorted(glob.glob(pattern))
     if not files:
         raise DataError(f"no {what} shards match '{pattern}': prepare the data first "
-                        "(python data/shakespeare_char.py, or python data/cached_fineweb10B.py N) or fix --{what}_bin")
+                        f"(python data/shakespeare_char.py, or python data/cached_fineweb10B.py N) or fix --{what}_bin")
     return files
 
 

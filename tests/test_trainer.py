@@ -189,3 +189,8 @@ def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_pat
     cfg = tg.parse_config(args)
     metrics = tg.train(cfg)
     assert metrics["val_loss"] < math.log(65) - 0.5, metrics["val_loss"]  # uniform at step 0 (zero head)
+
+
+def test_missing_shards_say_which_flag_to_fix(tmp_path):
+    with pytest.raises(tg.DataError, match=r"no val shards match .* or fix --val_bin$"):
+        tg.find_shards(str(tmp_path / "nothing_*.bin"), "val")
