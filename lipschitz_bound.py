@@ -13,7 +13,7 @@ of embedding rows. Logits are measured by max_t RMS over the vocabulary (multipl
 for max_t l2). The bound L satisfies |F(X) - F(Y)| <= L |X - Y| for all X, Y in the domain.
 
 Modes
-- paper: the published algorithm (paper.md section 4): whole-matrix RMS->RMS norms, attention
+- paper: the published algorithm (arXiv 2507.13338, Appendix B): whole-matrix RMS->RMS norms, attention
   (|W_o|/3)|W_v|(1 + 2 s a^2 |W_q||W_k|), MLP |W_out||W_in|/1.1289. It is NOT an upper bound in
   general: with several heads a head's slice can be sqrt(n_head) times the whole vector (up to an
   n_head^1.5 factor on the logit term), and its MLP constant divides by GELU's slope twice (gelu/1.1289
@@ -46,12 +46,10 @@ import math
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from train_gpt import (ATTN_OUT_FACTOR, GELU_MAX_SLOPE, GPT, ROPE_BASE, CheckpointError, ConfigError, apply_rope,
-                       config_from_checkpoint, load_checkpoint, model_from_checkpoint, residual_weight, rms_scale,
+from train_gpt import (ATTN_OUT_FACTOR, GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, apply_rope,
+                       config_from_checkpoint, load_checkpoint, residual_weight, rms_scale, rope_tables,
                        spectral_norm_exact)
 
 MODES = ("paper", "paper_code", "tight")
@@ -113,11 +111,8 @@ def _product_err(A: torch.Tensor, B: torch.Tensor) -> float:
 
 
 def rope_tables64(seq_len: int, head_dim: int):
-    """RoPE cos/sin in float64 (train_gpt.rope_tables builds the same angles in float32): the exact
-    rotations the certificate is about."""
-    inv = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
-    return ang.cos(), ang.sin()
+    """RoPE cos/sin in float64 (the trainer uses float32): the exact rotations the certificate is about."""
+    return rope_tables(seq_len, head_dim, torch.float64)
 
 
 def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -432,10 +427,7 @@ def summary_line(cert: dict) -> str:
 def forward_embeddings(model: GPT, X: torch.Tensor) -> torch.Tensor:
     """Logits of the model from embedding outputs X (B, T, d), with exact (float64) RoPE tables."""
     cos, sin = rope_tables64(X.size(1), model.cfg.d_model // model.cfg.n_head)
-    cos, sin = cos.to(X), sin.to(X)
-    for block in model.blocks:
-        X = block(X, cos, sin)
-    return F.linear(X, model.head) * model.cfg.final_scale
+    return model.logits_from_embeddings(X, cos.to(X), sin.to(X))
 
 
 def seq_norm(X: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,11 @@ is the float64 Gram eigenvalue (train_gpt.spectral_norm_exact). Power-iteration 
 with their warm-started iterations (cfg.power_iters) included. The step fraction times the
 projections of all matrices of configs/shakespeare_char.toml (stacked by shape, as MatrixOptimizer
 does) against one forward+backward of its 64 x 256 batch, in fp32.
-Targets (issue 3): guaranteed methods <= w_max (1 + 1e-3); soft_cap and spectral_normalize
+Targets: guaranteed methods <= w_max (1 + 1e-3); soft_cap and spectral_normalize
 <= 5% of a Shakespeare step on CPU; hard_cap <= 3x soft_cap.
 """
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -7,11 +7,11 @@
 One step is one micro-batch (micro_batch_tokens of the config, or --batch rows of seq_len) through
 forward and backward, then the optimizer. Ours is built from train_gpt pieces exactly as train()
 runs them: GPT, build_optimizers (Muon + the constraint for the matrices, Adam for the embedding),
-autocast, torch.compile (--compile), project_rowwise and the per-step non-finite check. It is timed
-in four parts (CUDA events on a GPU, so the parts add no synchronization): forward+backward, the
-Muon and Adam updates, the constraint (MatrixOptimizer._project: power iteration, soft-cap
-coupling, projection), and the bookkeeping after the step (embedding-row projection, zeroing the
-gradients, the non-finite check). The plain recipe is nanoGPT's model written plainly: pre-norm
+autocast, torch.compile (--compile), train_gpt.optimizer_step and the per-step non-finite check.
+It is timed in four parts (CUDA events on a GPU, so the parts add no synchronization):
+forward+backward, the updates (train_gpt.optimizer_step: Muon and Adam, embedding-row projection,
+zeroed gradients) without the constraint, the constraint (MatrixOptimizer._project: power
+iteration, soft-cap coupling, projection), and the bookkeeping (the non-finite check). The plain recipe is nanoGPT's model written plainly: pre-norm
 LayerNorm (no bias), the same RoPE positions, 1/sqrt(d_head) causal SDPA, GELU MLP, plain
 residuals, untied head, torch.optim.AdamW (fused on CUDA, foreach on CPU, decay on matrices),
 no gradient clipping (which would only slow it down), same width, depth, heads, context, batch
@@ -25,7 +25,7 @@ context T, vocabulary V; 12 L T d counts q k^T and (attention) v over all T keys
 The matmul ceiling is the median rate of torch.matmul of the model's main shape,
 (tokens x d) @ (d x 4d), in the step's dtype on this device: MFU is against this machine.
 
-Targets (the speed issue; CPU, 2 cores, configs/shakespeare_char.toml, batch 64 x 256):
+Targets (CPU, 2 cores, configs/shakespeare_char.toml, batch 64 x 256):
 our bf16 step >= 1.5x the tokens/s of the plain fp32 recipe and >= 1.1x the plain bf16 recipe;
 updates + constraint + bookkeeping <= 10% of our step.
 """
@@ -282,11 +282,8 @@ def bench_ours(cfg: T.Config, constraints: list[str], rows: int, device, compile
                 loss = fwd(x, y)
             loss.backward()
             marks.mark("fwd_bwd")
-            mat_opt.step()
-            adam.step()
+            T.optimizer_step(model, mat_opt, adam, ccfg)  # the trainer's own: updates, constraint, row caps
             marks.mark("update")
-            T.project_rowwise(model, ccfg)
-            model.zero_grad(set_to_none=True)
             bad = T.nonfinite_tensor(model, loss.detach())
             marks.mark("bookkeeping")
             if bad:

@@ -99,7 +99,7 @@ export OUT PY REPO
 export PROTO_ARGS_STR="${PROTO_ARGS[*]}" EXTRA_STR="${EXTRA[*]+"${EXTRA[*]}"}"
 status=0
 printf '%s\n' "${RUNS[@]}" | xargs -P "$JOBS" -L 1 bash -c \
-  'PROTO_ARGS=($PROTO_ARGS_STR); EXTRA=($EXTRA_STR); run_one "$@"' _ || status=$?
+  'set -f; PROTO_ARGS=($PROTO_ARGS_STR); EXTRA=($EXTRA_STR); set +f; run_one "$@"' _ || status=$?  # -f: no glob expansion of passed args
 
 DIRS=()
 for d in "$OUT"/*/; do [ -f "$d/ckpt_final.pt" ] && DIRS+=("${d%/}"); done

@@ -49,6 +49,7 @@ def test_command_line_beats_file_beats_default(tmp_path):
     ('arch = "llama"\n', "arch='llama' is not one of"),
     ("micro_batch_tokens = 1000\n", "multiple of seq_len"),
     ('optimizer = "adamw"\nconstraint = "soft_cap"\n', "soft_cap needs a bound"),
+    ('arch = "baseline"\n', "arch=baseline has no weight constraints"),
 ])
 def test_config_errors_are_clear(tmp_path, text, needle):
     toml = tmp_path / "c.toml"
