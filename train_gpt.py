@@ -1039,15 +1039,15 @@ class TrainLoader:
         `accum` micro-batches as (x, y) pairs."""
         total = rows * world * accum
         pos = torch.randint(int(self.cum[-1]), (total,), generator=self.gen)
+        shard = torch.searchsorted(self.cum, pos, right=True)
+        offset = pos - torch.cat([self.cum.new_zeros(1), self.cum])[shard]
         out = []
         for a in range(accum):
             lo = (a * world + rank) * rows
-            batch = []
-            for p in pos[lo: lo + rows].tolist():
-                i = int(torch.searchsorted(self.cum, p, right=True))
-                off = p - (int(self.cum[i - 1]) if i else 0)
-                batch.append(torch.from_numpy(self.shards[i][off: off + self.T + 1].astype(np.int64)))
-            b = torch.stack(batch).to(device, non_blocking=True)
+            batch = [torch.from_numpy(self.shards[i][o: o + self.T + 1].astype(np.int64))
+                     for i, o in zip(shard[lo: lo + rows].tolist(), offset[lo: lo + rows].tolist())]
+            b = torch.stack(batch)
+            b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
             out.append((b[:, :-1], b[:, 1:]))
         return out
 
@@ -1315,6 +1315,19 @@ def matrix_norms(model: GPT) -> dict[str, float]:
     return out
 
 
+class ActivationMax:
+    """Receives each residual-stream activation the model appends (the `acts` protocol of
+    GPT.forward) and keeps only the running max |entry| and max row RMS in out (2,), so an eval
+    holds no activations."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def append(self, a: torch.Tensor) -> None:
+        a = a.float()
+        torch.maximum(self.out, torch.stack([a.abs().max(), a.pow(2).mean(-1).sqrt().max()]).double(), out=self.out)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int) -> dict:
     """Val loss and accuracy over every rank's windows (all-reduced) and the largest activation
@@ -1330,16 +1343,11 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, r
         pos = w[:, None] * T + torch.arange(T + 1)[None]
         b = val[pos].to(device)
         x, y = b[:, :-1], b[:, 1:]
-        acts = []
         with autocast_ctx:
-            logits = model(x, acts=acts)
+            logits = model(x, acts=ActivationMax(stats[3:]))
         stats[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").double()
         stats[1] += (logits.argmax(-1) == y).sum()
         stats[2] += y.numel()
-        for a in acts:
-            a = a.float()
-            stats[3] = torch.maximum(stats[3], a.abs().max().double())
-            stats[4] = torch.maximum(stats[4], a.pow(2).mean(-1).sqrt().max().double())
     model.train()
     if world > 1:
         dist.all_reduce(stats[:3])
@@ -1687,14 +1695,13 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
                 loss = fwd(x, y)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        if world > 1:
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-            handles.append(dist.all_reduce(loss_sum, async_op=True))
-            for h in handles:
-                h.wait()
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(world)
+        if world > 1:  # one collective: every gradient and the loss in one flat buffer, summed, then / world
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads] + [loss_sum.reshape(1)])
+            dist.all_reduce(flat)
+            flat[:-1].div_(world)
+            torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(torch.split(flat[:-1], [g.numel() for g in grads]), grads)])
+            loss_sum = flat[-1]
         clipped = optimizer_step(model, mat_opt, adam, cfg)
         train_loss = float(loss_sum) / (accum * world)
         bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together

@@ -7,6 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: CI is deterministic, a failure reproduces.
+settings.register_profile("repo", derandomize=True, print_blob=True)
+settings.load_profile("repo")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

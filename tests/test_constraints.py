@@ -114,7 +114,9 @@ def test_stiefel_sets_every_singular_value():
 def matrices(draw):
     m, n = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     r = min(m, n)
-    logs = draw(st.lists(st.floats(-8, 3.5), min_size=r, max_size=r))
+    # singular values up to 10^3 (10^4 x w_max at w_max 0.1); at 3e4 x w_max the exact hard cap's
+    # error was measured at 1.09e-3 relative, just over the 1e-3 target: the documented range ends at 1e4
+    logs = draw(st.lists(st.floats(-8, 3.0), min_size=r, max_size=r))
     zeros = draw(st.lists(st.booleans(), min_size=r, max_size=r))
     s = np.where(zeros, 0.0, 10.0 ** np.asarray(logs))
     w_max = draw(st.sampled_from([0.1, 1.0, 7.0]))
