@@ -157,14 +157,12 @@ def _config(config) -> "object":
 
 
 def _check_state(sd: dict, cfg) -> None:
-    d, V, L, h = cfg.d_model, cfg.vocab_size, cfg.n_layer, cfg.mlp_ratio * cfg.d_model
-    want = {"embed.weight": (V, d), "head": (V, d)}
-    for i in range(L):
-        want.update({f"blocks.{i}.attn.qkv": (3, d, d), f"blocks.{i}.attn.proj": (d, d),
-                     f"blocks.{i}.mlp.fc": (h, d), f"blocks.{i}.mlp.proj": (d, h)})
+    """The state dict has exactly the tensors (names and shapes) of GPT(cfg), all finite."""
+    with torch.device("meta"):  # shapes only, no memory
+        want = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     for k, shape in want.items():
         if k not in sd:
-            raise CertificateError(f"state dict has no '{k}': not a checkpoint of this config (n_layer={L}); "
+            raise CertificateError(f"state dict has no '{k}': not a checkpoint of this config (n_layer={cfg.n_layer}); "
                                    "certify a checkpoint written by train_gpt.py")
         if tuple(sd[k].shape) != shape:
             raise CertificateError(f"'{k}' has shape {tuple(sd[k].shape)} but the config implies {shape}")
