@@ -42,7 +42,7 @@ def real_text():
 def test_download_writes_the_same_shards_as_a_local_copy(served, tmp_path):
     root, url = served
     shutil.copy(real_text(), root / "input.txt")
-    sc.main(["--url", f"{url}/input.txt", "--out_dir", str(tmp_path / "dl")])
+    sc.main(["--input", "", "--url", f"{url}/input.txt", "--out_dir", str(tmp_path / "dl")])
     sc.main(["--input", real_text(), "--out_dir", str(tmp_path / "local")])
     for f in ("train_000000.bin", "val_000000.bin"):
         assert (tg.read_shard(str(tmp_path / "dl" / f)) == tg.read_shard(str(tmp_path / "local" / f))).all()
@@ -53,13 +53,13 @@ def test_wrong_file_is_refused_by_its_sha256(served, tmp_path):
     root, url = served
     (root / "input.txt").write_text("not shakespeare\n" * 100)
     with pytest.raises(SystemExit, match="expected 86c4e6aa"):
-        sc.main(["--url", f"{url}/input.txt", "--out_dir", str(tmp_path / "x")])
+        sc.main(["--input", "", "--url", f"{url}/input.txt", "--out_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()  # nothing written
 
 
 def test_unreachable_source_says_how_to_work_offline(served, tmp_path):
     _, url = served
     with pytest.raises(SystemExit, match="--input /path/to/input.txt"):
-        sc.main(["--url", f"{url}/missing.txt", "--out_dir", str(tmp_path / "x")])
+        sc.main(["--input", "", "--url", f"{url}/missing.txt", "--out_dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no such file"):
         sc.main(["--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")])
