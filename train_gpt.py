@@ -596,6 +596,18 @@ GUARANTEED = {"soft_cap", "hard_cap", "stiefel", "svd_clip"}
 assert set(CONSTRAINTS) == set(CHOICES["constraint"])
 
 
+def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: float, v: torch.Tensor | None,
+                    iters: int, max_update_norm: float) -> ProjArgs:
+    """What constraint `name` needs for the stack M: the power-iteration triplet (from start
+    vectors v, `iters` products) and the soft-cap strength for updates of norm <= max_update_norm."""
+    args = ProjArgs(w_max=w_max, lr=lr, wd=wd)
+    if name in NEEDS_POWER_ITERATION:
+        args.u, args.sigma, args.v = power_iteration(M, v, iters)
+    if name == "soft_cap":
+        args.alpha = soft_cap_alpha(w_max, max_update_norm)
+    return args
+
+
 def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
     """Divide each row by max(1, RMS(row) / cap): embedding rows (and a non-spectral head)."""
     rms = W.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
@@ -728,15 +740,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         name, w_max = group["constraint"], group["w_max"]
         scale = rms_scale(W)
         M = W / scale
-        args = ProjArgs(w_max=w_max, lr=group["lr"], wd=self.wd)
-        new_v = None
+        v0, iters = None, 0
         if name in NEEDS_POWER_ITERATION:
             cold = "v" not in states[0]
             v0 = torch.stack([self._start_vector(p, i) if cold else s["v"] for p, s, i in zip(params, states, ids)])
-            args.u, args.sigma, args.v = power_iteration(M, v0, 32 if cold else self.power_iters)
-            new_v = list(args.v)
-        if name == "soft_cap":
-            args.alpha = soft_cap_alpha(w_max, self.max_update_norm(group["lr"]))  # Muon only (validate_config)
+            iters = 32 if cold else self.power_iters
+        # soft cap: Muon only (validate_config), coupled to this step's worst-case update norm
+        args = constraint_args(name, M, w_max, group["lr"], self.wd, v0, iters, self.max_update_norm(group["lr"]))
+        new_v = None if args.v is None else list(args.v)
         M = CONSTRAINTS[name](M.float(), args)
         return list((M * scale).to(W.dtype)), new_v
 

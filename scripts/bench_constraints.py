@@ -64,16 +64,12 @@ def post_muon_matrix(m, n, device, seed=0):
 
 
 def projector(name, M, opt):
-    """A closure doing what MatrixOptimizer._project does for one stack: warm power iteration
-    (if the method needs it), the soft-cap coupling, the constraint."""
+    """A closure doing what MatrixOptimizer._project does for one stack (train_gpt.constraint_args,
+    then the constraint), with a warm power-iteration start."""
     state = {"v": T.power_iteration(M, torch.randn(M.shape[:-2] + (M.size(-1),), device=M.device), 32)[2]}
 
     def run():
-        p = T.ProjArgs(w_max=W_MAX, lr=LR, wd=0.1)
-        if name in T.NEEDS_POWER_ITERATION:
-            p.u, p.sigma, p.v = T.power_iteration(M, state["v"], opt.power_iters)
-        if name == "soft_cap":
-            p.alpha = T.soft_cap_alpha(W_MAX, opt.max_update_norm(LR))
+        p = T.constraint_args(name, M, W_MAX, LR, 0.1, state["v"], opt.power_iters, opt.max_update_norm(LR))
         return T.CONSTRAINTS[name](M, p)
     return run
 

@@ -15,7 +15,7 @@
 #   --out DIR          sweep directory (default logs/shakespeare_<protocol>)
 #   --dry_run          print the runs, train nothing
 #   -- ARGS            passed to every train_gpt.py run (e.g. --device cpu --dtype fp32)
-# Re-running fills gaps: runs with ckpt_final.pt are skipped. Output: DIR/<run>/, DIR/results.md,
+# Re-running fills gaps: runs with ckpt_final.pt are skipped, interrupted ones with a checkpoint resume. Output: DIR/<run>/, DIR/results.md,
 # DIR/frontier.png (tight certificate) and DIR/frontier_paper.png (published algorithm).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,9 +80,13 @@ run_one() {  # NAME CONFIG ARGS...
   local name=$1 config=$2; shift 2
   local dir="$OUT/$name"
   if [ -f "$dir/ckpt_final.pt" ]; then echo "$name: finished, skipped"; return 0; fi
-  if [ -e "$dir" ]; then echo "$name: $dir holds an unfinished run; delete it to retry" >&2; return 1; fi
   local proto=("${PROTO_ARGS[@]}")
-  [[ "$name" == baseline* ]] && proto=()
+  if compgen -G "$dir/ckpt_step*.pt" >/dev/null; then
+    proto+=(--resume latest)   # an interrupted run with a checkpoint continues (as in sweep_sigma_max.sh)
+  elif [ -e "$dir" ]; then
+    echo "$name: $dir holds an unfinished run without a checkpoint; delete it (rm -r '$dir') to retry" >&2; return 1
+  fi
+  [[ "$name" == baseline* ]] && proto=("${proto[@]:${#PROTO_ARGS[@]}}")
   if "$PY" "$REPO/train_gpt.py" --config "$config" "${proto[@]}" "$@" "${EXTRA[@]+"${EXTRA[@]}"}" --out_dir "$dir" \
       > "$OUT/$name.out" 2>&1; then
     echo "$name: $(grep -E 'val_loss' "$dir/log.txt" | tail -1)"

@@ -53,6 +53,15 @@ def make_shards(root, vocab=64, n_train=20000, n_val=4000, seed=0, n_train_shard
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module whose tests start training subprocesses (no oversubscription)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def tiny_shards(tmp_path):
     return make_shards(str(tmp_path / "data"))

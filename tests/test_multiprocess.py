@@ -35,12 +35,7 @@ def data(tmp_path_factory):
     return make_shards(str(tmp_path_factory.mktemp("mp") / "data"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(world, data, out, **over):
