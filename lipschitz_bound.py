@@ -5,7 +5,8 @@
     python lipschitz_bound.py logs/<run>/ckpt_final.pt --json
 
 What is certified (docs/certificate.md has the proofs). The map F from embedding outputs to logits:
-causal attention with RoPE, GELU MLPs, convex residuals, head and final_scale, for any sequence
+causal attention with RoPE, GELU MLPs, residuals skip x + branch f(x) (train_gpt.residual_coeffs: convex
+for arch lipschitz, plain for plain_residual), head and final_scale, for any sequence
 length up to seq_len, in exact arithmetic (the bf16 autocast forward and the fp32 RoPE tables are
 outside the claim). Norms: an input X = (x_1..x_T) has |X| = max_t RMS(x_t); the domain is
 {X : |X| <= r0}, r0 = max(emb_w_max, largest stored embedding row RMS), which holds every sequence
@@ -23,10 +24,10 @@ Modes
   positions delta of sigma(W_q^h^T R_delta W_k^h) (RoPE rotations R_delta; falls back to
   sigma(W_q^h) sigma(W_k^h) for large models), c_h = 2 s n_head a^2 m_h (s n_head a^2 is s/d_head
   times the squared l2 radius d a^2). The attention Jacobian is at most
-  ATTN_OUT_FACTOR x min( sum_h sigma(P_h)(1 + c_h),  sigma(W_o) sqrt(sum_h sigma(W_v^h)^2 (1 + c_h)^2),
+  f x min( sum_h sigma(P_h)(1 + c_h),  sigma(W_o) sqrt(sum_h sigma(W_v^h)^2 (1 + c_h)^2),
   sqrt(n_head) sigma([P_1 (1 + c_1) ... P_H (1 + c_H)]),  value term + softmax term bounded apart ),
-  where the softmax term may also use the heads' shared query (Cauchy-Schwarz over heads):
-  2 s n_head a^2 sigma(W_q) sigma([sigma(W_k^1) P_1 ... sigma(W_k^H) P_H]);
+  with f = train_gpt.attn_out_factor (1/3; 1 for plain_residual), where the softmax term may also
+  use the heads' shared query (Cauchy-Schwarz over heads): 2 s n_head a^2 sigma(W_q) sigma([sigma(W_k^1) P_1 ... sigma(W_k^H) P_H]);
   the MLP Jacobian at most |W_out||W_in| (RMS->RMS); the head sigma(head) sqrt(d/V) final_scale.
   Activation bounds a follow the same per-head value bounds. With one head tight <= paper with
   the MLP constant corrected (`log10_bound_mlp_corrected`).
@@ -48,8 +49,8 @@ import time
 
 import torch
 
-from train_gpt import (ATTN_OUT_FACTOR, GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, apply_rope,
-                       config_from_checkpoint, load_checkpoint, residual_weight, rms_scale, rope_tables,
+from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, apply_rope, attn_out_factor,
+                       config_from_checkpoint, load_checkpoint, residual_coeffs, rms_scale, rope_tables,
                        spectral_norm_exact)
 
 MODES = ("paper", "paper_code", "tight")
@@ -232,7 +233,7 @@ def _log_concat_sigma(heads: list, log_w: list) -> float:
 def _attn_tight(layer: dict, cfg, log_a: float) -> tuple[float, float, dict]:
     """(log gain, log Lipschitz, details) of one attention sub-block for inputs of norm <= e^log_a."""
     H, heads, s = cfg.n_head, layer["heads"], layer["sigma"]
-    log_f = math.log(ATTN_OUT_FACTOR)
+    log_f = math.log(attn_out_factor(cfg))
     log_c = [_log(2 * cfg.softmax_scale * H) + 2 * log_a + _log(h["m_qk"]) for h in heads]  # softmax terms
     log_1c = [_log1p_exp(c) for c in log_c]
     log_ov = [_log(h["sigma_ov"]) for h in heads]
@@ -264,8 +265,8 @@ def _attn_tight(layer: dict, cfg, log_a: float) -> tuple[float, float, dict]:
 
 def _bound(pre: dict, cfg, mode: str) -> dict:
     """Compose the per-sub-block bounds of `mode` into the network's bound, in log space."""
-    alpha = residual_weight(cfg.n_layer)
-    la, lb = math.log(1 - alpha), math.log(alpha)
+    skip, branch = residual_coeffs(cfg)  # x <- skip x + branch f(x)
+    la, lb = math.log(skip), math.log(branch)
     r0 = max(cfg.emb_w_max, pre["emb"])
     log_a = math.log(r0)
     total = 0.0          # log of the running Lipschitz bound (map from embedding outputs: starts at 1)
@@ -279,7 +280,7 @@ def _bound(pre: dict, cfg, mode: str) -> dict:
                     log_g, log_L, det = _attn_tight(layer, cfg, log_a)
                     used = det
                 else:
-                    log_ov = _log(s["o"]) + _log(s["v"]) + math.log(ATTN_OUT_FACTOR)
+                    log_ov = _log(s["o"]) + _log(s["v"]) + math.log(attn_out_factor(cfg))
                     log_g = log_ov
                     if mode == "paper":
                         log_L = log_ov + _log1p_exp(_log(2 * cfg.softmax_scale) + 2 * log_a + _log(s["q"]) + _log(s["k"]))
@@ -350,8 +351,8 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
         raise CertificateError(f"mode {mode!r} is not one of {', '.join(MODES + ('all',))}")
     if rope not in ("auto", "exact", "bound"):
         raise CertificateError(f"rope {rope!r} is not one of auto, exact, bound")
-    if cfg.arch != "lipschitz":
-        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architecture is certified (the baseline's "
+    if cfg.arch == "baseline":
+        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified (the baseline's "
                                "RMSNorm and QK-norm have no global Lipschitz bound)")
     _check_state(state_dict, cfg)
     exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
@@ -391,7 +392,7 @@ def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, ro
     A checkpoint of an architecture without a certificate gives {"certified": False, "reason": ...}."""
     ck = load_checkpoint(path)
     cfg = config_from_checkpoint(ck, path)
-    if cfg.arch != "lipschitz":
+    if cfg.arch == "baseline":
         return {"certified": False, "reason": f"arch={cfg.arch} has no Lipschitz certificate", "path": path}
     try:
         out = certify(ck["model"], cfg, mode=mode, empirical=empirical, rope=rope, effort=effort, seed=seed)

@@ -61,6 +61,20 @@ def residual_weight(n_layer: int) -> float:
     return 1.0 / (2 * n_layer)
 
 
+def residual_coeffs(cfg) -> tuple[float, float]:
+    """(skip, branch) of every residual x <- skip x + branch f(x): (1 - a, a) for the Lipschitz GPT,
+    (1, 1) for plain_residual and the baseline."""
+    if cfg.arch == "lipschitz":
+        a = residual_weight(cfg.n_layer)
+        return 1.0 - a, a
+    return 1.0, 1.0
+
+
+def attn_out_factor(cfg) -> float:
+    """The factor before W_o: ATTN_OUT_FACTOR for the Lipschitz GPT, 1 for plain_residual and the baseline."""
+    return ATTN_OUT_FACTOR if cfg.arch == "lipschitz" else 1.0
+
+
 # -----------------------------------------------------------------------------
 # Configuration: every hyperparameter, typed, with the paper's 145M run as defaults
 
@@ -70,7 +84,7 @@ CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_ham
 @dataclass
 class Config:
     # model
-    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's) or baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals)"})
+    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's); plain_residual (the same with residuals x + f(x) and attention output W_o y, no 1/3: the forward pass of the reference code's Shakespeare sweeps, where Modula's Mul multiplied by 1); or baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals)"})
     vocab_size: int = field(default=50304, metadata={"help": "vocabulary size (GPT-2's 50257 padded to 50304); must exceed every token id"})
     n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=6, metadata={"help": "attention heads"})
@@ -83,6 +97,7 @@ class Config:
     head_w_max: float = field(default=1.0, metadata={"help": "cap on the head's RMS->RMS norm"})
     head_spectral: bool = field(default=True, metadata={"help": "true: the head is a Muon matrix under the chosen constraint; false: Adam with rows projected to RMS <= head_w_max"})
     logit_softcap: float = field(default=15.0, metadata={"help": "baseline arch only: logits = c tanh(logits / c)"})
+    dropout: float = field(default=0.0, metadata={"help": "baseline arch only: dropout on embeddings, attention weights and sub-block outputs while training (nanoGPT's char model: 0.2)"})
     # optimization
     optimizer: str = field(default="muon", metadata={"help": "muon or adamw, for the hidden matrices and the head"})
     constraint: str = field(default="soft_cap", metadata={"help": f"projection after every step: {CONSTRAINTS_DOC}"})
@@ -90,19 +105,25 @@ class Config:
     wd: float = field(default=0.0, metadata={"help": "strength of weight_decay (lr-coupled) and spectral_wd"})
     power_iters: int = field(default=4, metadata={"help": "warm-started power iterations per step for sigma_1 (32 on the first step)"})
     qk_clip_tau: float = field(default=0.0, metadata={"help": "QK-Clip threshold on the per-head max attention logit; 0 = off"})
+    soft_cap_coupling: str = field(default="exact", metadata={"help": "soft_cap strength: exact (Theorem 3.1 for this step's worst-case update norm, lr x the Newton-Schulz stretch) or reference (the reference code's: lr / sqrt(d_out/d_in), no stretch; sigma_max may then exceed w_max)"})
     num_steps: int = field(default=1770, metadata={"help": "optimizer steps"})
     batch_tokens: int = field(default=393216, metadata={"help": "global batch in tokens per step (all ranks, all micro-steps)"})
     micro_batch_tokens: int = field(default=49152, metadata={"help": "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)"})
     lr_hidden: float = field(default=0.05, metadata={"help": "learning rate (RMS->RMS update norm for Muon) of hidden matrices"})
     lr_head: float = field(default=0.005, metadata={"help": "learning rate of the head"})
-    lr_embed: float = field(default=0.1, metadata={"help": "Adam learning rate of the embedding"})
+    lr_embed: float = field(default=0.1, metadata={"help": "learning rate of the embedding (Adam, or the RMS of each row's update with embed_update=rownorm)"})
+    lr_alloc: str = field(default="uniform", metadata={"help": "uniform: each matrix steps at its group's lr; modula: each lr is multiplied by the matrix's share of the update under Modula's masses and sensitivities (blocks_mass; see modula_shares), as the reference code does"})
+    blocks_mass: float = field(default=16.0, metadata={"help": "lr_alloc=modula: mass of all blocks together (embedding and head have mass 1)"})
+    embed_update: str = field(default="adam", metadata={"help": "adam, or rownorm (the reference code's dualized embedding update: Muon's momentum of the gradient, each row scaled to RMS 1, rows below RMS 1/embed_max_inflation inflated at most embed_max_inflation times)"})
+    embed_max_inflation: float = field(default=16.0, metadata={"help": "embed_update=rownorm: largest factor by which a row of the momentum is scaled up"})
     adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1 (embedding; AdamW matrices)"})
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
     adam_eps: float = field(default=1e-10, metadata={"help": "Adam epsilon"})
-    momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum after warm-up"})
+    momentum: float = field(default=0.95, metadata={"help": "Muon momentum after warm-up"})
+    nesterov: bool = field(default=True, metadata={"help": "Muon orthogonalizes the Nesterov look-ahead (true) or the momentum buffer itself, an EMA of the gradients (false, the reference code's)"})
     momentum_warmup_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     momentum_warmup_steps: int = field(default=300, metadata={"help": "steps of linear momentum warm-up"})
-    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz (Polar Express) steps for Muon's orthogonalization"})
+    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz (Polar Express) steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)"})
     cooldown_frac: float = field(default=0.4, metadata={"help": "fraction of steps, at the end, of linear lr decay"})
     final_lr_frac: float = field(default=0.1, metadata={"help": "lr multiplier reached at the last step"})
     seed: int = field(default=0, metadata={"help": "seed of init and data order"})
@@ -110,6 +131,7 @@ class Config:
     train_bin: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards"})
     val_bin: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
     val_tokens: int = field(default=10485760, metadata={"help": "validation tokens per eval (rounded down to whole windows)"})
+    val_slice_windows: int = field(default=0, metadata={"help": "also score the reference code's validation slice at every eval: the first N stride-1 windows of the val split (its 20 batches: 1280 at batch 64), as slice_val_loss / slice_val_acc; 0 = off"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="bf16", metadata={"help": "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)"})
@@ -127,9 +149,13 @@ class Config:
 
 
 ARCH_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "head_spectral")
+STATE_KEYS = ("seq_len", "optimizer", "constraint", "embed_update")  # a resume may not change these either
 CHOICES = {
-    "arch": ("lipschitz", "baseline"),
+    "arch": ("lipschitz", "plain_residual", "baseline"),
     "optimizer": ("muon", "adamw"),
+    "lr_alloc": ("uniform", "modula"),
+    "embed_update": ("adam", "rownorm"),
+    "soft_cap_coupling": ("exact", "reference"),
     "constraint": tuple(CONSTRAINTS_DOC.split("|")),
     "dtype": ("bf16", "fp32"),
 }
@@ -211,12 +237,13 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"{k}={getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     positive = ["vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "seq_len", "num_steps", "batch_tokens",
                 "micro_batch_tokens", "w_max", "emb_w_max", "head_w_max", "final_scale", "softmax_scale", "ns_steps",
-                "lr_hidden", "lr_head", "lr_embed", "keep_last", "adam_eps", "logit_softcap"]
+                "lr_hidden", "lr_head", "lr_embed", "keep_last", "adam_eps", "logit_softcap", "blocks_mass"]
     for k in positive:
         v = getattr(cfg, k)
         if not (v > 0 and math.isfinite(v)):
             raise ConfigError(f"{k} must be > 0, got {v}")
-    for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps"):
+    for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps",
+              "val_slice_windows"):
         if not (getattr(cfg, k) >= 0 and math.isfinite(getattr(cfg, k))):
             raise ConfigError(f"{k} must be >= 0 and finite, got {getattr(cfg, k)}")
     for k in ("cooldown_frac", "final_lr_frac", "momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2"):
@@ -228,6 +255,20 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"micro_batch_tokens={cfg.micro_batch_tokens} must be a multiple of seq_len={cfg.seq_len}")
     if cfg.arch == "baseline" and cfg.constraint != "none":
         raise ConfigError(f"arch=baseline has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.dropout > 0 and cfg.arch != "baseline":
+        raise ConfigError(f"dropout={cfg.dropout} is for arch=baseline only (the Lipschitz map the certificate bounds has none)")
+    if cfg.lr_alloc == "modula" and cfg.arch == "baseline":
+        raise ConfigError("lr_alloc=modula derives step sizes from the Lipschitz architecture's scalars; "
+                          "arch=baseline (RMSNorm) has no such sensitivities: use lr_alloc=uniform")
+    if cfg.embed_update == "rownorm" and (cfg.optimizer != "muon" or cfg.arch == "baseline"):
+        raise ConfigError("embed_update=rownorm is the Modula update of a capped embedding and uses Muon's momentum: "
+                          "it needs optimizer=muon and a Lipschitz arch; use embed_update=adam")
+    if cfg.embed_max_inflation < 1 or not math.isfinite(cfg.embed_max_inflation):
+        raise ConfigError(f"embed_max_inflation must be >= 1 and finite, got {cfg.embed_max_inflation}")
+    if cfg.soft_cap_coupling != "exact" and cfg.constraint != "soft_cap":
+        raise ConfigError(f"soft_cap_coupling={cfg.soft_cap_coupling} is only used by constraint soft_cap, not {cfg.constraint}")
     if cfg.optimizer == "adamw" and cfg.constraint == "soft_cap":
         raise ConfigError("soft_cap needs a bound on each update's spectral norm, which Muon gives and AdamW does not; "
                           "use --optimizer muon, or another constraint (spectral_hammer, weight_decay, hard_cap, ...) with adamw")
@@ -395,11 +436,13 @@ class ProjArgs:
     v: torch.Tensor | None = None
 
 
-def _gram_apply(M: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """a M + b M M^T M, with the Gram matrix formed on the smaller side."""
-    if M.size(-2) <= M.size(-1):
-        return _mm_add(M, M @ M.mT, M, a, b)
-    return _mm_add(M, M, M.mT @ M, a, b)
+def _gram_apply(M: torch.Tensor, a: float, b) -> torch.Tensor:
+    """a M + b M M^T M, with the Gram matrix formed on the smaller side; b is a float (one fused
+    GEMM) or a tensor broadcasting over the stack (one b per matrix)."""
+    wide = M.size(-2) <= M.size(-1)
+    if torch.is_tensor(b):
+        return a * M + b * ((M @ M.mT) @ M if wide else M @ (M.mT @ M))
+    return _mm_add(M, M @ M.mT, M, a, b) if wide else _mm_add(M, M, M.mT @ M, a, b)
 
 
 def _rank1(p: ProjArgs) -> torch.Tensor:
@@ -437,8 +480,9 @@ def c_spectral_hammer(M, p):
 
 
 def c_soft_cap(M, p):
-    """Two odd cubics x - a x^3 then x + a x^3 on every singular value (alpha from the coupling)."""
-    if p.alpha == 0.0:
+    """Two odd cubics x - a x^3 then x + a x^3 on every singular value (alpha from the coupling:
+    a float, or one value per matrix of the stack when their learning rates differ)."""
+    if not torch.is_tensor(p.alpha) and p.alpha == 0.0:
         return M
     M = _gram_apply(M, 1.0, -p.alpha)
     return _gram_apply(M, 1.0, p.alpha)
@@ -604,7 +648,12 @@ def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: flo
     if name in NEEDS_POWER_ITERATION:
         args.u, args.sigma, args.v = power_iteration(M, v, iters)
     if name == "soft_cap":
-        args.alpha = soft_cap_alpha(w_max, max_update_norm)
+        if torch.is_tensor(max_update_norm):  # one strength per matrix (per-matrix learning rates)
+            flat = max_update_norm.flatten().tolist()
+            alphas = {x: soft_cap_alpha(w_max, x) for x in set(flat)}
+            args.alpha = torch.tensor([alphas[x] for x in flat], device=M.device).view_as(max_update_norm)
+        else:
+            args.alpha = soft_cap_alpha(w_max, max_update_norm)
     return args
 
 
@@ -612,6 +661,14 @@ def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
     """Divide each row by max(1, RMS(row) / cap): embedding rows (and a non-spectral head)."""
     rms = W.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
     return W / torch.clamp(rms / cap, min=1.0).to(W.dtype)
+
+
+def normalize_rows(G: torch.Tensor, max_inflation: float) -> torch.Tensor:
+    """Each row of G divided by max(RMS(row), 1 / max_inflation): rows to RMS 1, small rows scaled
+    up at most max_inflation times, zero rows (tokens absent from the batch) stay zero. The
+    duality map of the embedding in Modula: the steepest direction under a max-row-RMS norm."""
+    rms = G.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return G / torch.clamp(rms, min=1.0 / max_inflation).to(G.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -625,8 +682,11 @@ def dist_info() -> tuple[int, int]:
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Muon (Nesterov momentum, Polar-Express orthogonalization, update of RMS->RMS norm lr) or
-    AdamW for 2-D (and stacked 3-D) weights, followed by the weight constraint of each group.
+    """Muon (Nesterov or EMA momentum, Polar-Express orthogonalization, update of RMS->RMS norm lr)
+    or AdamW for 2-D (and stacked 3-D) weights, followed by the weight constraint of each group.
+    A group with rows=True (the embedding under embed_update=rownorm) steps along the row-normalized
+    momentum instead (each row's update has RMS lr) and is projected to row RMS <= its w_max.
+    `shares` maps a parameter to a tensor of shape p.shape[:-2]: its matrices step at lr x share.
 
     Same-shaped matrices of a group are stacked and processed in one batched call. Under
     torch.distributed, matrix i of a stack is owned by rank i % world: the owner computes its
@@ -636,11 +696,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params_groups, kind: str, constraint: str, w_max: float, wd: float = 0.0,
                  momentum: float = 0.95, ns_steps: int = 5, power_iters: int = 4,
-                 betas=(0.9, 0.95), eps: float = 1e-10):
+                 betas=(0.9, 0.95), eps: float = 1e-10, nesterov: bool = True, coupling: str = "exact",
+                 ns_dtype: torch.dtype = torch.bfloat16, shares: dict | None = None, row_inflation: float = 16.0):
         defaults = dict(lr=0.0, w_max=w_max, constraint=constraint, momentum=momentum)
         super().__init__(params_groups, defaults)
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
-        self.betas, self.eps = betas, eps
+        self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
+        self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
         self.max_stretch = ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)
 
     def _stacks(self, group):
@@ -654,9 +716,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
         g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
         return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
 
-    def max_update_norm(self, lr: float) -> float:
-        """Worst-case RMS->RMS norm of one update: lr x the NS polynomial's largest stretch."""
-        return lr * self.max_stretch
+    def max_update_norm(self, lr, scale: float = 1.0):
+        """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one update,
+        lr x the NS polynomial's largest stretch. reference: the reference code's lr / sqrt(d_out/d_in)
+        (its Linear.project divides the RMS->RMS norm by the scale again, and assumes no stretch)."""
+        return lr * self.max_stretch if self.coupling == "exact" else lr / scale
+
+    def _lr(self, params, lr: float):
+        """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
+        if not any(p in self.shares for p in params):
+            return lr
+        sh = torch.stack([self.shares.get(p, torch.ones(p.shape[:-2])).to(p.device, torch.float32) for p in params])
+        return (lr * sh)[..., None, None]
 
     @torch.no_grad()
     def step(self):
@@ -697,7 +768,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 self.state[p]["v"] = vout[(i % world) * K + i // world].clone()
 
     def _update(self, params, group, ids):
-        lr = group["lr"]
+        lr = self._lr(params, group["lr"])
         W = torch.stack([p for p in params]).float()
         G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
         states = [self.state[p] for p in params]
@@ -705,8 +776,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
             mu = group["momentum"]
             buf = self._stacked_state(states, "momentum_buffer", G)
             buf.lerp_(G, 1 - mu)
-            upd = msign(G.lerp_(buf, mu), self.ns_steps)  # Nesterov (G is this call's own copy)
-            W.add_(upd, alpha=-lr * rms_scale(W))
+            m = G.lerp_(buf, mu) if self.nesterov else buf  # Nesterov look-ahead (G is this call's own copy), or the EMA
+            if group.get("rows"):
+                upd, step = normalize_rows(m, self.row_inflation), lr
+            else:
+                upd, step = msign(m, self.ns_steps, self.ns_dtype), lr * rms_scale(W)
+            if torch.is_tensor(step):
+                W.sub_(upd * step)
+            else:
+                W.add_(upd, alpha=-step)
         else:  # adamw: the decay is the constraint 'weight_decay'
             b1, b2 = self.betas
             for s, g in zip(states, G):
@@ -719,7 +797,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for s, mi, vi in zip(states, m, v2):
                 s["exp_avg"], s["exp_avg_sq"], s["t"] = mi, vi, t
             W = W - lr * upd
-        return self._project(W, params, states, group, ids)
+        return self._project(W, params, states, group, ids, lr)
 
     @staticmethod
     def _stacked_state(states, key, like):
@@ -736,8 +814,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             s[key] = b
         return base
 
-    def _project(self, W, params, states, group, ids):
+    def _project(self, W, params, states, group, ids, lr):
         name, w_max = group["constraint"], group["w_max"]
+        if group.get("rows"):
+            return list(project_rows(W, w_max)), None
         scale = rms_scale(W)
         M = W / scale
         v0, iters = None, 0
@@ -745,8 +825,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             cold = "v" not in states[0]
             v0 = torch.stack([self._start_vector(p, i) if cold else s["v"] for p, s, i in zip(params, states, ids)])
             iters = 32 if cold else self.power_iters
-        # soft cap: Muon only (validate_config), coupled to this step's worst-case update norm
-        args = constraint_args(name, M, w_max, group["lr"], self.wd, v0, iters, self.max_update_norm(group["lr"]))
+        # soft cap: Muon only (validate_config), coupled to this step's update norm
+        args = constraint_args(name, M, w_max, lr, self.wd, v0, iters, self.max_update_norm(lr, scale))
         new_v = None if args.v is None else list(args.v)
         M = CONSTRAINTS[name](M.float(), args)
         return list((M * scale).to(W.dtype)), new_v
@@ -802,6 +882,76 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------
+# Per-module step sizes: Modula's masses and sensitivities (lr_alloc=modula)
+#
+# Modula (Large et al. 2024, "Scalable Optimization in the Modular Norm", arXiv 2405.14813) splits
+# one update budget t over a network by two numbers per module: its mass (every matrix 1, the
+# blocks together scaled to blocks_mass) and its sensitivity (a matrix 1, a scalar multiplier c:
+# c; a composition the product; branches that meet in a sum, or in attention's q-k-v product, the
+# sum). Branches get t x their mass fraction; in a composition f_n o ... o f_1, part f_i gets
+# t x (its mass fraction) / (sensitivities of f_{i+1} .. f_n): what comes after amplifies it.
+# Then every matrix's update moves the output by at most t in total. The tree below mirrors this
+# file's forward pass (residual_coeffs, attn_out_factor, softmax_scale, final_scale); a node is
+# ("atom", name, mass), ("scale", c), ("seq", children in order of application) or ("par", children).
+
+
+def modula_tree(cfg: Config) -> tuple:
+    L = cfg.n_layer
+    m = cfg.blocks_mass / (6 * L)  # six matrices per layer share the blocks' mass
+    skip, branch = residual_coeffs(cfg)
+
+    def residual(f):
+        return ("par", [("scale", skip), ("seq", [f, ("scale", branch)])])
+
+    layers = []
+    for i in range(L):
+        p = f"blocks.{i}."
+        scores = ("seq", [("par", [("atom", p + "attn.q", m), ("atom", p + "attn.k", m)]), ("scale", cfg.softmax_scale)])
+        attn = ("seq", [("par", [("atom", p + "attn.v", m), scores]), ("scale", attn_out_factor(cfg)), ("atom", p + "attn.proj", m)])
+        mlp = ("seq", [("atom", p + "mlp.fc", m), ("scale", 1.0), ("atom", p + "mlp.proj", m)])  # gelu / GELU_MAX_SLOPE: 1
+        layers += [residual(attn), residual(mlp)]
+    return ("seq", [("atom", "embed.weight", 1.0), *layers, ("atom", "head", 1.0), ("scale", cfg.final_scale)])
+
+
+def _mass(n) -> float:
+    return n[2] if n[0] == "atom" else 0.0 if n[0] == "scale" else sum(_mass(c) for c in n[1])
+
+
+def _sensitivity(n) -> float:
+    if n[0] in ("atom", "scale"):
+        return 1.0 if n[0] == "atom" else n[1]
+    s = [_sensitivity(c) for c in n[1]]
+    return math.prod(s) if n[0] == "seq" else sum(s)
+
+
+def _allocate(n, t: float, out: dict) -> None:
+    if n[0] == "atom":
+        out[n[1]] = t
+    elif n[0] != "scale":
+        total = _mass(n)
+        for i, c in enumerate(n[1]):
+            after = math.prod(_sensitivity(d) for d in n[1][i + 1:]) if n[0] == "seq" else 1.0
+            if _mass(c) > 0:
+                _allocate(c, t * _mass(c) / total / after, out)
+
+
+def modula_shares(cfg: Config) -> dict[str, float]:
+    """Each matrix's share of the update under Modula's rules (keys as matrix_norms: q, k, v apart)."""
+    out: dict[str, float] = {}
+    _allocate(modula_tree(cfg), 1.0, out)
+    return out
+
+
+def lr_shares(model, cfg: Config) -> dict:
+    """{parameter: tensor of shape p.shape[:-2]} of lr multipliers; empty for lr_alloc=uniform."""
+    if cfg.lr_alloc == "uniform":
+        return {}
+    sh = modula_shares(cfg)
+    return {p: torch.tensor([sh[name[:-3] + n] for n in "qkv"] if name.endswith("attn.qkv") else sh[name])
+            for name, p in model.named_parameters()}
+
+
+# -----------------------------------------------------------------------------
 # Model: Lipschitz GPT (and the baseline with norms put back)
 
 
@@ -824,6 +974,11 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def _dropout(x, p: float):
+    """F.dropout when p > 0 (training only; callers pass 0 in eval): no RNG draw and no copy otherwise."""
+    return F.dropout(x, p) if p > 0 else x
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -831,7 +986,8 @@ class Attention(nn.Module):
         self.baseline = cfg.arch == "baseline"
         # 1/d_head scaling (Lipschitz) or 1/sqrt(d_head) (baseline)
         self.scale = 1.0 / math.sqrt(self.head_dim) if self.baseline else cfg.softmax_scale / self.head_dim
-        self.out_factor = 1.0 if self.baseline else ATTN_OUT_FACTOR
+        self.out_factor = attn_out_factor(cfg)
+        self.dropout = cfg.dropout
         self.qkv = nn.Parameter(torch.empty(3, cfg.d_model, cfg.d_model))  # W_q, W_k, W_v: (d_out, d_in)
         self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_model))
         self.track_max_logit = False
@@ -846,9 +1002,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.track_max_logit and self.training:  # training steps only: eval data never steers QK-Clip
             self._record_max_logit(q, k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.linear(y * self.out_factor, self.proj)
+        return _dropout(F.linear(y * self.out_factor, self.proj), drop)
 
     @torch.no_grad()
     def _record_max_logit(self, q, k):
@@ -865,10 +1022,12 @@ class MLP(nn.Module):
         self.fc = nn.Parameter(torch.empty(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
         self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.mlp_ratio * cfg.d_model))
         self.div = 1.0 if cfg.arch == "baseline" else GELU_MAX_SLOPE
+        self.dropout = cfg.dropout
 
     def forward(self, x):
         # proj (gelu(h) / div) computed as (proj gelu(h)) / div: equal, and the division runs on the d-wide output
-        return F.linear(F.gelu(F.linear(x, self.fc)), self.proj) / self.div
+        out = F.linear(F.gelu(F.linear(x, self.fc)), self.proj) / self.div
+        return _dropout(out, self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -876,14 +1035,14 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.baseline = cfg.arch == "baseline"
-        self.a = residual_weight(cfg.n_layer)
+        self.skip, self.branch = residual_coeffs(cfg)
 
     def forward(self, x, cos, sin, acts=None):
         for f in (lambda h: self.attn(h, cos, sin), self.mlp):
             if self.baseline:
                 x = x + f(rms_norm(x))
             else:
-                x = (1 - self.a) * x + self.a * f(x)
+                x = self.skip * x + self.branch * f(x)
             if acts is not None:
                 acts.append(x.detach())
         return x
@@ -914,7 +1073,7 @@ class GPT(nn.Module):
             b.attn.proj.zero_()
             b.mlp.proj.zero_()
         nn.init.normal_(self.embed.weight)
-        if cfg.arch == "lipschitz":
+        if cfg.arch != "baseline":
             self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
         self.head.zero_()
 
@@ -937,7 +1096,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         if T > self.rope_cos.size(0):
             raise ValueError(f"sequence of {T} tokens is longer than seq_len={self.rope_cos.size(0)} (the RoPE tables)")
-        x = self.embed(idx)
+        x = _dropout(self.embed(idx), self.cfg.dropout if self.training else 0.0)
         if acts is not None:
             acts.append(x.detach())
         logits = self.logits_from_embeddings(x, self.rope_cos, self.rope_sin, acts)
@@ -1085,6 +1244,17 @@ def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) 
     if n_win == 0:
         raise DataError(f"val shards '{pattern}' hold fewer than seq_len + 1 = {seq_len + 1} tokens")
     return toks[: n_win * seq_len + 1]
+
+
+def load_val_slice(cfg: Config) -> torch.Tensor:
+    """The tokens of the reference code's validation slice: val_slice_windows stride-1 windows from
+    the start of the val split (its unshuffled loader's first 20 batches), range-checked."""
+    need = cfg.val_slice_windows + cfg.seq_len
+    toks = load_val_tokens(cfg.val_bin, need + cfg.seq_len, cfg.seq_len, cfg.vocab_size)
+    if toks.numel() < need:
+        raise DataError(f"val shards '{cfg.val_bin}' hold {toks.numel()} tokens, fewer than the {need} that "
+                        f"val_slice_windows={cfg.val_slice_windows} stride-1 windows of seq_len + 1 need")
+    return toks[:need]
 
 
 # -----------------------------------------------------------------------------
@@ -1255,27 +1425,40 @@ def momentum_at(step: int, cfg: Config) -> float:
 
 
 def build_optimizers(model: GPT, cfg: Config):
-    hidden = model.hidden_matrices()
-    groups = [dict(params=hidden, lr=cfg.lr_hidden, base_lr=cfg.lr_hidden, w_max=cfg.w_max)]
-    if cfg.head_spectral:
-        groups.append(dict(params=[model.head], lr=cfg.lr_head, base_lr=cfg.lr_head, w_max=cfg.head_w_max))
+    """MatrixOptimizer for the hidden matrices, the spectral head and (embed_update=rownorm) the
+    embedding; Adam for the rest, or None when nothing is left for it."""
+    shares = lr_shares(model, cfg)
+    groups = [dict(params=model.hidden_matrices(), lr=cfg.lr_hidden, base_lr=cfg.lr_hidden, w_max=cfg.w_max)]
+    adam_params = []
+    for p, lr, w_max, matrix in ((model.embed.weight, cfg.lr_embed, cfg.emb_w_max, cfg.embed_update == "rownorm"),
+                                 (model.head, cfg.lr_head, cfg.head_w_max, cfg.head_spectral)):
+        if matrix:
+            rows = dict(rows=True, constraint="none") if p is model.embed.weight else {}
+            groups.append(dict(params=[p], lr=lr, base_lr=lr, w_max=w_max, **rows))
+        else:  # Adam: a share, if any, scales the group's lr
+            lr = lr * float(shares.get(p, 1.0))
+            adam_params.append(dict(params=[p], lr=lr, base_lr=lr))
     mat = MatrixOptimizer(groups, kind=cfg.optimizer, constraint=cfg.constraint, w_max=cfg.w_max, wd=cfg.wd,
                           momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
-                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    adam_groups = [dict(params=[model.embed.weight], lr=cfg.lr_embed, base_lr=cfg.lr_embed)]
-    if not cfg.head_spectral:
-        adam_groups.append(dict(params=[model.head], lr=cfg.lr_head, base_lr=cfg.lr_head))
-    adam = torch.optim.Adam(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            fused=next(model.parameters()).is_cuda)
+                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, nesterov=cfg.nesterov,
+                          coupling=cfg.soft_cap_coupling, ns_dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16,
+                          shares=shares,
+                          row_inflation=cfg.embed_max_inflation)
+    adam = None
+    if adam_params:
+        adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                fused=next(model.parameters()).is_cuda)
     return mat, adam
 
 
 @torch.no_grad()
 def project_rowwise(model: GPT, cfg: Config) -> None:
-    """Embedding rows and a non-spectral head's rows (Lipschitz arch only: the baseline has no constraints)."""
-    if cfg.arch != "lipschitz":
+    """Embedding rows (when Adam steps them; MatrixOptimizer projects them under embed_update=rownorm)
+    and a non-spectral head's rows. Lipschitz archs only: the baseline has no constraints."""
+    if cfg.arch == "baseline":
         return
-    model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
+    if cfg.embed_update == "adam":
+        model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
     if not cfg.head_spectral:
         model.head.copy_(project_rows(model.head, cfg.head_w_max))
 
@@ -1284,7 +1467,8 @@ def optimizer_step(model: GPT, mat_opt: MatrixOptimizer, adam, cfg: Config) -> i
     """Everything after the gradients of a step: Muon/AdamW + constraint, Adam, row projections,
     QK-Clip, zeroed gradients. Returns the number of heads QK-Clip scaled (bench_step.py times this)."""
     mat_opt.step()
-    adam.step()
+    if adam is not None:
+        adam.step()
     project_rowwise(model, cfg)
     clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
     model.zero_grad(set_to_none=True)
@@ -1340,18 +1524,20 @@ class ActivationMax:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int) -> dict:
-    """Val loss and accuracy over every rank's windows (all-reduced) and the largest activation
+def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int,
+             starts: torch.Tensor | None = None) -> dict:
+    """Val loss and accuracy over the windows val[s : s + seq_len + 1], s in starts (default: every
+    whole non-overlapping window), split over ranks and all-reduced, and the largest activation
     entry / RMS of the residual stream."""
     rank, world = dist_info()
     T = cfg.seq_len
-    n_win = (val.numel() - 1) // T
-    idx = list(range(rank, n_win, world))
+    if starts is None:
+        starts = torch.arange((val.numel() - 1) // T) * T
+    idx = starts[rank::world]
     stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms
     model.eval()
     for i in range(0, len(idx), rows):
-        w = torch.tensor(idx[i:i + rows])
-        pos = w[:, None] * T + torch.arange(T + 1)[None]
+        pos = idx[i:i + rows, None] + torch.arange(T + 1)[None]
         b = val[pos].to(device)
         x, y = b[:, :-1], b[:, 1:]
         with autocast_ctx:
@@ -1495,7 +1681,7 @@ def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
         run_dir = cfg.out_dir or os.path.dirname(os.path.abspath(resume_path))
     ck = load_checkpoint(resume_path)
     old = config_from_checkpoint(ck, resume_path)
-    changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + ("seq_len", "optimizer", "constraint")
+    changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + STATE_KEYS
                if getattr(old, k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume {resume_path}: the config changes the model ({'; '.join(changed)}); "
@@ -1525,7 +1711,8 @@ def restore(ck: dict, path: str, model: GPT, mat_opt: MatrixOptimizer, adam, loa
                 want = tuple(p.shape[:-2]) + (p.size(-1),) if k == "v" else tuple(p.shape)
                 if torch.is_tensor(t) and tuple(t.shape) != want:
                     raise ValueError(f"optimizer state '{k}' of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
-        adam.load_state_dict(ck["optimizers"]["adam"])
+        if adam is not None:
+            adam.load_state_dict(ck["optimizers"]["adam"])
         loader.load_state_dict(ck["loader"])
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and model.head.is_cuda:
@@ -1562,6 +1749,7 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
         check_data_meta(cfg)
         train_loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
         val_tokens = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
+        val_slice = load_val_slice(cfg) if cfg.val_slice_windows else None
         torch.manual_seed(cfg.seed)
         model = GPT(cfg).to(device)
         mat_opt, adam = build_optimizers(model, cfg)
@@ -1630,7 +1818,7 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
         model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         obj = {"model": model_sd, "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
         if kind == "step":
-            obj["optimizers"] = {"matrix": mat_opt.full_state_dict(), "adam": adam.state_dict()}
+            obj["optimizers"] = {"matrix": mat_opt.full_state_dict(), "adam": adam.state_dict() if adam is not None else {}}
             obj["loader"] = train_loader.state_dict()
             obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}
         path = os.path.join(run_dir, f"ckpt_step{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
@@ -1654,6 +1842,9 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
 
     def run_eval() -> dict:
         m = evaluate(model, val_tokens, cfg, device, autocast_ctx, rows)
+        if val_slice is not None:
+            sl = evaluate(model, val_slice, cfg, device, autocast_ctx, rows, torch.arange(cfg.val_slice_windows))
+            m["slice_val_loss"], m["slice_val_acc"] = sl["val_loss"], sl["val_acc"]
         m["step"] = step
         if master:  # float64 norms of every matrix: logged by rank 0 only
             m["norms"] = matrix_norms(model)
@@ -1671,7 +1862,8 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
             metrics["train_loss"] = train_loss if math.isfinite(train_loss) else None  # None before the first step
             if master:
                 n = metrics["norms"]
-                log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} "
+                sl = f"slice_val_loss:{metrics['slice_val_loss']:.4f} " if "slice_val_loss" in metrics else ""
+                log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} {sl}"
                     f"max_act_entry:{metrics['max_act_entry']:.4g} max_act_rms:{metrics['max_act_rms']:.4g} "
                     f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}",
                     record=metrics)
@@ -1698,7 +1890,7 @@ def _train(cfg: Config, stopper: Stopper) -> dict:
         for g in mat_opt.param_groups:
             g["lr"] = g["base_lr"] * frac
             g["momentum"] = momentum_at(step, cfg)
-        for g in adam.param_groups:
+        for g in adam.param_groups if adam is not None else []:
             g["lr"] = g["base_lr"] * frac
         loss_sum = torch.zeros((), device=device)
         for x, y in train_loader.next_batch(rows, rank, world, accum, device):

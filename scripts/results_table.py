@@ -5,7 +5,8 @@
 
 One row per setting; runs that differ only in seed (and in run-time keys such as out_dir or device)
 are one row showing mean +- sample std over seeds. Per run it reads config.json, the last eval
-line of metrics.jsonl (val_loss, val_acc, max_act_entry, step) and certificate.json, the
+line of metrics.jsonl (val_loss, val_acc, max_act_entry, step, and slice_val_loss when the run scored
+the reference code's validation slice) and certificate.json, the
 output of `python lipschitz_bound.py RUN/ckpt_final.pt --mode all --json`. With --certify a missing
 certificate.json is computed from ckpt_final.pt (lipschitz_bound.certify_checkpoint) and saved.
 
@@ -117,7 +118,7 @@ def group_runs(runs: list[dict]) -> list[dict]:
         cfg = members[0]["config"]
         row = {"config": cfg, "runs": [m["dir"] for m in members], "seeds": sorted(m["config"].get("seed", 0) for m in members),
                "finished": all(m["finished"] for m in members), "step": min(int(m["final"].get("step", 0)) for m in members)}
-        for k in ("val_loss", "val_acc", "max_act_entry"):
+        for k in ("val_loss", "val_acc", "max_act_entry", "slice_val_loss"):
             row[k] = _mean_std([_float(m["final"].get(k)) for m in members])
         for mode in CERT_MODES:
             row[f"log10_{mode}"] = _mean_std([m["log10_bound"][mode] for m in members])
@@ -155,14 +156,24 @@ def model_name(cfg: dict) -> str:
 
 HEADER = ["model", "optimizer", "constraint", "sigma_max", "steps / tokens", "seeds", "bound paper", "bound tight",
           "val acc", "val loss", "max act entry"]
+SLICE_HEADER = "slice val loss"  # shown when a run scored the reference's validation slice (val_slice_windows)
+
+
+def recipe(cfg: dict) -> str:
+    """'reference' for runs with the reference code's Modula step sizes (lr_alloc=modula), else 'repo'."""
+    if cfg.get("lr_alloc", "uniform") != "modula":
+        return "repo"
+    return f"reference (blocks mass {cfg.get('blocks_mass', math.nan):g})"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    with_slice = any(not math.isnan(r["slice_val_loss"][0]) for r in rows)
+    header = ["recipe"] + HEADER + ([SLICE_HEADER] if with_slice else [])
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["config"]
         extra = []  # the settings that move a run along the frontier besides sigma_max
-        if c.get("arch", "lipschitz") == "lipschitz":
+        if c.get("arch", "lipschitz") != "baseline":
             extra.append(f"softmax scale {c.get('softmax_scale', math.nan):g}")
         if c.get("final_scale", 1.0) != 1.0:
             extra.append(f"final scale {c['final_scale']:g}")
@@ -175,6 +186,7 @@ def markdown_table(rows: list[dict]) -> str:
                  "-" if c.get("constraint") in ("none", "weight_decay") else f"{c.get('w_max', math.nan):g}", steps,
                  ",".join(str(s) for s in r["seeds"]), fmt_bound(r["log10_paper"]), fmt_bound(r["log10_tight"]),
                  fmt_value(r["val_acc"]), fmt_value(r["val_loss"]), fmt_value(r["max_act_entry"], 4, "g")]
+        cells = [recipe(c)] + cells + ([fmt_value(r["slice_val_loss"])] if with_slice else [])
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -294,7 +294,7 @@ CONFIG_CASES = {
     "qk_clip_nan": (dict(qk_clip_tau="nan"), "qk_clip_tau must be >= 0 and finite"),
     "constraint": (dict(constraint="spectral_magic"), "constraint='spectral_magic' is not one of"),
     "optimizer": (dict(optimizer="sgd"), "optimizer='sgd' is not one of muon, adamw"),
-    "arch": (dict(arch="resnet"), "arch='resnet' is not one of lipschitz, baseline"),
+    "arch": (dict(arch="resnet"), "arch='resnet' is not one of lipschitz, plain_residual, baseline"),
     "wrong_type_int": (dict(n_layer="two"), "'n_layer' must be of type int, got 'two'"),
     "wrong_type_bool": (dict(debug="maybe"), "'debug' must be of type bool"),
     "batch_not_divisible": (dict(batch_tokens="320"), "batch_tokens=320 is not divisible by world_size x micro_batch_tokens = 1 x 128"),

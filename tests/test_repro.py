@@ -215,13 +215,16 @@ def test_paper_configs_parse_and_follow_the_published_settings():
 # results_table.py: grouping over seeds against statistics.mean / stdev
 
 
-def _fake_run(d, seed, w, loss, acc, log10_tight, arch="lipschitz"):
+def _fake_run(d, seed, w, loss, acc, log10_tight, arch="lipschitz", slice_loss=None, **over):
     os.makedirs(d)
-    cfg = dataclasses_asdict(train_gpt.Config(seed=seed, w_max=w, arch=arch, out_dir=d))
+    cfg = dataclasses_asdict(train_gpt.Config(seed=seed, w_max=w, arch=arch, out_dir=d, **over))
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    final = {"step": 1770, "val_loss": loss, "val_acc": acc, "max_act_entry": 2.0 + seed}
+    if slice_loss is not None:
+        final["slice_val_loss"] = slice_loss
     with open(os.path.join(d, "metrics.jsonl"), "w") as fh:
         fh.write(json.dumps({"step": 10, "val_loss": 9.0, "val_acc": 0.0, "max_act_entry": 1.0}) + "\n")
-        fh.write(json.dumps({"step": 1770, "val_loss": loss, "val_acc": acc, "max_act_entry": 2.0 + seed}) + "\n")
+        fh.write(json.dumps(final) + "\n")
         fh.write(json.dumps({"step": 1770, "train_loss": 4.0}) + "\n")  # a training line may follow
     open(os.path.join(d, "ckpt_final.pt"), "wb").close()
     cert = ({"certified": False, "reason": "baseline"} if arch == "baseline" else
@@ -259,6 +262,21 @@ def test_results_table_groups_seeds(tmp_path):
     assert "1770 / 0.70B" in table
     with pytest.raises(results_table.ResultsError, match="none of the 1 directories"):
         results_table.load_runs([str(tmp_path / "not_a_run")], warn=lambda m: None)
+    assert "slice val loss" not in table and all(line.startswith("| repo |") for line in lines[2:])
+
+
+def test_results_table_shows_recipe_and_slice(tmp_path):
+    """A run of the reference recipe that scored the reference's slice: its own recipe tag and a slice
+    column; a repo-recipe run next to it has '-' there."""
+    _fake_run(str(tmp_path / "ref"), 0, 2.0, 1.60, 0.5, 3.0, slice_loss=1.45, lr_alloc="modula", blocks_mass=16.0)
+    _fake_run(str(tmp_path / "ours"), 0, 2.0, 1.58, 0.5, 3.0)
+    table = results_table.markdown_table(results_table.group_runs(results_table.load_runs(
+        [str(tmp_path / "ref"), str(tmp_path / "ours")])))
+    lines = table.splitlines()
+    assert lines[0].startswith("| recipe |") and lines[0].endswith("| slice val loss |")
+    ref = next(line for line in lines if "reference (blocks mass 16)" in line)
+    ours = next(line for line in lines if line.startswith("| repo |"))
+    assert ref.endswith("| 1.4500 |") and "| 1.6000 |" in ref and ours.endswith("| - |")
 
 
 # -----------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_lipschitz_model_has_no_norms_and_convex_residuals(monkeypatch):
     acts = []
     logits = model(idx, acts=acts)
     a = tg.residual_weight(3)
-    assert all(b.a == a == 1 / 6 for b in model.blocks)
+    assert all((b.skip, b.branch) == (1 - a, a) and a == 1 / 6 for b in model.blocks)
     # output projections are zero at init, so each sub-block only shrinks x by (1 - a)
     for i, x in enumerate(acts):
         torch.testing.assert_close(x, acts[0] * (1 - a) ** i)
