@@ -17,6 +17,8 @@
 #   --out DIR              sweep directory (default logs/sweep_<config name>); run dirs are
 #                          DIR/<constraint>_w<w_max>_s<seed>
 #   --paper_softmax_scale  softmax_scale 24 at w_max 1, else sqrt(128)/w_max^2 (the published 145M scripts)
+#   --tie_head             also cap the head at each w_max (head_w_max = w_max, as the Shakespeare configs
+#                          and the reference code do; without it the head keeps the config's head_w_max)
 #   --dry_run              print the commands, run nothing
 #   -- ARGS                passed to every train_gpt.py run (e.g. --num_steps 500 --device cpu)
 # Environment: PYTHON (default python), TORCHRUN (default torchrun).
@@ -34,7 +36,7 @@ TORCHRUN="${TORCHRUN:-torchrun}"
 die() { echo "sweep_sigma_max.sh: error: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-CONFIG="" W_LIST="" C_LIST="" S_LIST="" NPROC=1 OUT="" PAPER_SCALE=0 DRY=0
+CONFIG="" W_LIST="" C_LIST="" S_LIST="" NPROC=1 OUT="" PAPER_SCALE=0 TIE_HEAD=0 DRY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --nproc) NPROC="${2:?--nproc needs a number}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     --paper_softmax_scale) PAPER_SCALE=1; shift ;;
+    --tie_head) TIE_HEAD=1; shift ;;
     --dry_run) DRY=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -68,11 +71,15 @@ fi
 OUT="${OUT:-logs/sweep_$(basename "${CONFIG%.*}")}"
 
 # Resolve defaults and validate every setting of the grid before the first run starts.
-GRID="$(SWEEP_REPO="$REPO" "$PY" - "$CONFIG" "$W_LIST" "$C_LIST" "$S_LIST" "$PAPER_SCALE" "${EXTRA[@]+"${EXTRA[@]}"}" <<'PYEOF'
+GRID="$(SWEEP_REPO="$REPO" "$PY" - "$CONFIG" "$W_LIST" "$C_LIST" "$S_LIST" "$PAPER_SCALE" "$TIE_HEAD" "${EXTRA[@]+"${EXTRA[@]}"}" <<'PYEOF'
 import math, os, sys
 sys.path.insert(0, os.environ["SWEEP_REPO"])
 import train_gpt
-config, w_list, c_list, s_list, paper_scale, extra = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split(), sys.argv[5] == "1", sys.argv[6:]
+config, w_list, c_list, s_list, paper_scale, tie_head = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split(), sys.argv[5] == "1", sys.argv[6] == "1"
+extra = sys.argv[7:]
+if tie_head and any(a.split("=")[0] == "--head_w_max" for a in extra):
+    print("sweep_sigma_max.sh: error: --tie_head sets head_w_max; do not also pass --head_w_max after --", file=sys.stderr)
+    sys.exit(2)
 try:
     base = train_gpt.parse_config(["--config", config] + extra)
     for w in w_list:
@@ -83,6 +90,8 @@ try:
             scale = (24.0 if float(w) == 1 else math.sqrt(128) / float(w) ** 2) if paper_scale else None
             for s in s_list or [str(base.seed)]:
                 args = ["--config", config, "--w_max", w, "--constraint", c, "--seed", s] + extra
+                if tie_head:
+                    args += ["--head_w_max", w]
                 if scale is not None:
                     args += ["--softmax_scale", repr(scale)]
                 train_gpt.parse_config(args)
@@ -104,6 +113,7 @@ while read -r c w s scale; do
   dir="$OUT/${c}_w${w}_s${s}"
   cmd=("${LAUNCH[@]}" "$REPO/train_gpt.py" --config "$CONFIG" --w_max "$w" --constraint "$c" --seed "$s" --out_dir "$dir")
   [ "$scale" = "-" ] || cmd+=(--softmax_scale "$scale")
+  [ "$TIE_HEAD" = 0 ] || cmd+=(--head_w_max "$w")
   cmd+=("${EXTRA[@]+"${EXTRA[@]}"}")
   if [ -f "$dir/ckpt_final.pt" ]; then
     echo "[$i/$N_RUNS] $dir: finished, skipped"

@@ -345,6 +345,10 @@ def test_sweep_fails_fast_with_clear_errors(tmp_path):
     r = run("--config", config, "--w_max", "1 4", "--nproc", "2", "--dry_run", "--paper_softmax_scale", "--out", str(tmp_path / "d"))
     assert r.returncode == 0 and r.stdout.count("--nproc_per_node=2") == 2
     assert "--softmax_scale 24.0" in r.stdout and f"--softmax_scale {math.sqrt(128) / 16!r}" in r.stdout
+    r = run("--config", config, "--w_max", "1 4", "--tie_head", "--dry_run", "--out", str(tmp_path / "d"))
+    assert r.returncode == 0 and "--w_max 1 " in r.stdout and "--head_w_max 1 " in r.stdout and "--head_w_max 4 " in r.stdout
+    r = run("--config", config, "--w_max", "1", "--tie_head", "--", "--head_w_max", "2")
+    assert r.returncode == 2 and "--tie_head sets head_w_max" in r.stderr
     # an unfinished run without a checkpoint stops the sweep instead of being overwritten
     (tmp_path / "u" / "soft_cap_w1_s0").mkdir(parents=True)
     (tmp_path / "u" / "soft_cap_w1_s0" / "config.json").write_text("{}")
