@@ -28,14 +28,21 @@ Modes
   sqrt(n_head) sigma([P_1 (1 + c_1) ... P_H (1 + c_H)]),  value term + softmax term bounded apart ),
   with f = train_gpt.attn_out_factor (1/3; 1 for plain_residual), where the softmax term may also
   use the heads' shared query (Cauchy-Schwarz over heads): 2 s n_head a^2 sigma(W_q) sigma([sigma(W_k^1) P_1 ... sigma(W_k^H) P_H]);
-  the MLP Jacobian at most |W_out||W_in| (RMS->RMS); the head sigma(head) sqrt(d/V) final_scale.
-  Activation bounds a follow the same per-head value bounds. With one head tight <= paper with
-  the MLP constant corrected (`log10_bound_mlp_corrected`).
+  the MLP Jacobian at most |W_out||W_in| (RMS->RMS), and the MLP with its skip jointly at most
+  sigma(skip I + branch/(2c) W_out W_in) + branch (c - 1/2)/c |W_out||W_in| (c = GELU_MAX_SLOPE: gelu'
+  lies in [1 - c, c]); the head sigma(head) sqrt(d/V) final_scale. Activation bounds a follow the same
+  per-head value bounds and, with --activation ellipsoid (auto: small models), ellipsoids that hold
+  every position's residual vector (weighted Minkowski sums), which also bound each head's query,
+  key and value norms in the softmax term. With one head tight <= paper with the MLP constant
+  corrected (`log10_bound_mlp_corrected`).
 
 Every matrix norm is a guaranteed upper bound: float64 Gram eigenvalues (train_gpt.spectral_norm_exact)
 plus a priori float64 rounding bounds, never power iteration. Bounds are carried as log10, so 10^264
-prints as such. `--empirical` searches (Adam ascent from many starts, float64 model) for pairs X, Y in
-the domain with a large |F(X) - F(Y)| / |X - Y| in the same norms: a lower bound on the true constant.
+prints as such. `--empirical` (minutes; progress bar on stderr) searches for a lower bound on the true
+constant in the same norms (float64 model): secants |F(X) - F(Y)| / |X - Y| by Adam ascent, and local
+constants |J_F(X) v| / |v| by the power method of the max-position norms (jvp/vjp) at random points,
+at validation windows (full context) and at points grown from them by ascent; every value is evaluated
+at its final point, and the search that found the maximum is reported.
 """
 
 from __future__ import annotations
@@ -49,9 +56,9 @@ import time
 
 import torch
 
-from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, apply_rope, attn_out_factor,
-                       config_from_checkpoint, load_checkpoint, residual_coeffs, rms_scale, rope_tables,
-                       spectral_norm_exact)
+from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope, attn_out_factor,
+                       config_from_checkpoint, load_checkpoint, load_val_tokens, residual_coeffs, rms_scale,
+                       rope_tables, spectral_norm_exact)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -59,6 +66,16 @@ EIG_BACKWARD_CONST = 10.0         # LAPACK syevd backward error |E| <= c n u |G|
 ROUNDING_SAFETY = 16.0            # multiplies the a priori gamma_k bounds of chained float64 products
 ROPE_EXACT_MAX_WORK = 2e4         # n_layer * n_head * seq_len up to which m_h is maximized over RoPE offsets
 LN10 = math.log(10.0)
+ELLIPSOID_MAX_WORK = 2e6          # n_layer * d_model^2 up to which activation sets are ellipsoids (activation="auto")
+MINKOWSKI_EVALS = 24              # eigenvalue evaluations spent choosing the weights of one Minkowski sum
+CHOL_JITTER_MIN = 1e-8            # diagonal (x |S|_F) added before a Cholesky factor; at least 4 d gamma_{d+1},
+                                  # which exceeds the factorization's backward error (Higham, Thm 10.3)
+# empirical lower bound (searches in order; see empirical_lower_bound)
+SEARCHES = ("secant", "jacobian", "data", "data_ascent")
+ASCENT_STEP = 1e-4                # secant step (x r0) of the ascent objective: a slightly smoothed local ratio
+ASCENT_LR = 3e-3                  # Adam step (x r0) of the Jacobian ascents (0.02 oscillates around attention ties)
+SNAP_EVERY = 100                  # ascent steps between power-method refreshes of the direction v
+DATA_MAX_WINDOWS = 64             # validation windows read for the data searches (they use data_windows x effort)
 
 
 class CertificateError(ValueError):
@@ -199,39 +216,200 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
             sq, sk, sv = (min(s[n], sigma_upper(W[sl])) for n, W in (("q", Wq), ("k", Wk), ("v", Wv)))
             so = min(s["o"], sigma_upper(Wo[:, sl]))
             perr = _product_err(Wo[:, sl], Wv[sl])
-            heads.append({"sigma_q": sq, "sigma_k": sk, "sigma_v": sv, "sigma_o": so,
+            heads.append({"sigma_q": sq, "sigma_k": sk, "sigma_v": sv, "sigma_o": so, "Wq_h": Wq[sl], "Wk_h": Wk[sl],
                           "sigma_ov": min(so * sv, sigma_upper(Wo[:, sl] @ Wv[sl], perr)),
                           "m_qk": head_qk_bound(Wq[sl], Wk[sl], cfg.seq_len, exact_rope, sq, sk),
                           "Wo_h": Wo[:, sl], "Wv_h": Wv[sl], "P_err": perr})
-        layers.append({"sigma": s, "fc": fc_rr, "proj": pr_rr, "heads": heads})
+        layers.append({"sigma": s, "fc": fc_rr, "proj": pr_rr, "heads": heads, "W_in": fc, "W_out": pr, "W_q": Wq,
+                       "mlp_mid": mlp_midpoint_norm(fc, pr, *residual_coeffs(cfg))})
     head = sd["head"].detach().double()
     norms["head"] = sigma_upper(head) / rms_scale(head)
-    return {"norms": norms, "layers": layers, "head": norms["head"], "emb": emb_rms}
+    return {"norms": norms, "layers": layers, "head": norms["head"], "emb": emb_rms, "exact_rope": exact_rope}
+
+
+def mlp_midpoint_norm(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> float:
+    """Upper bound on sigma(A), A = skip I + (branch / (2 GELU_MAX_SLOPE)) W_out W_in: the MLP sub-block
+    with its skip at the midpoint 1/2 of gelu's slope range (docs/certificate.md, section 4, "MLP with
+    its skip"). A is d x d, so sigma is its RMS->RMS norm."""
+    W_in, W_out = W_in.detach().double(), W_out.detach().double()
+    coef = branch / (2 * GELU_MAX_SLOPE)
+    A = coef * (W_out @ W_in)
+    A.diagonal().add_(skip)
+    # fl(W_out W_in) is within _product_err of the product; scaling and adding skip round each entry once more
+    err = coef * _product_err(W_out, W_in) + 2 * UNIT_ROUNDOFF * float(A.norm())
+    return sigma_upper(A, err)
 
 
 def _log_concat_sigma(heads: list, log_w: list) -> float:
-    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper
-    bound: lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds."""
+    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound."""
+    return _log_concat_sigma_of([h["Wo_h"] @ h["Wv_h"] for h in heads], [h["P_err"] for h in heads], log_w)
+
+
+def _log_concat_sigma_of(P: list, P_err: list, log_w: list) -> float:
+    """log sigma([w_1 P_1, ..., w_H P_H]) for computed matrices P_h within P_err[h] (l2) of the exact ones:
+    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds."""
     top = max(log_w)
     if top == -math.inf:
         return -math.inf
     w = [math.exp(lw - top) for lw in log_w]
-    P = [h["Wo_h"] @ h["Wv_h"] for h in heads]  # fl(P_h), within P_err of P_h
     G = sum(wi * wi * (Ph @ Ph.T) for wi, Ph in zip(w, P))
     d = G.size(0)
     lam = float(torch.linalg.eigvalsh(G)[-1].clamp_min(0))
     fro2 = sum(wi * wi * float(Ph.pow(2).sum()) for wi, Ph in zip(w, P))
-    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(d + len(heads)) * fro2
-    err = math.sqrt(sum((wi * h["P_err"]) ** 2 for wi, h in zip(w, heads)))  # distance of fl(P_h) from P_h
+    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, P[0].size(1)) + len(P)) * fro2
+    err = math.sqrt(sum((wi * e) ** 2 for wi, e in zip(w, P_err)))  # distance of the computed P_h from the exact
     return top + _log(math.sqrt(lam_up) + err)
+
+
+# -----------------------------------------------------------------------------
+# Activation sets as ellipsoids (docs/certificate.md, section 5)
+#
+# An ellipsoid is given by a factor L (d x d): E(L) = {L u : |u|_2 <= 1} (l2 units). The invariant:
+# at every depth, every position's residual vector, for every input in the domain and every length,
+# lies in E(L). Each step is over-approximated in exact arithmetic and the rounding of its float64
+# evaluation is added (a multiple of I) before the next factor is taken.
+
+
+def _mm(A: torch.Tensor, B: torch.Tensor, A_err: float = 0.0, B_err: float = 0.0) -> tuple[torch.Tensor, float]:
+    """fl(A B) and a bound on its l2 distance from the exact product of the matrices that A and B
+    approximate within A_err and B_err."""
+    C = A @ B
+    sa, sb = float(A.norm()), float(B.norm())  # Frobenius >= spectral
+    return C, _product_err(A, B) + A_err * (sb + B_err) + sa * B_err
+
+
+def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor:
+    """A factor L with E(L) containing the Minkowski sum of the ellipsoids E(B_i), each B_i given as
+    (computed matrix, l2 distance from the exact one). Any weights w_i > 0 with sum 1 give
+    sum_i E(B_i) subset E(S), S = sum_i B_i B_i^T / w_i (section 5, lemma 1); the weights are searched
+    (a few coordinate steps) to make lambda_max(S) small. The rounding of S and of its Cholesky
+    factorization is covered by a diagonal."""
+    terms = [(B, e) for B, e in terms if e > 0 or bool(B.abs().max() > 0)]
+    d = terms[0][0].size(0)
+    G = [B @ B.T for B, _ in terms]
+    lam = [max(float(torch.linalg.eigvalsh(g)[-1]), e * e, 1e-300) for g, (_, e) in zip(G, terms)]
+
+    def weights(logs):
+        m = max(logs)
+        w = [math.exp(v - m) for v in logs]
+        return [x / sum(w) for x in w]
+
+    def top(logs):
+        w = weights(logs)
+        return float(torch.linalg.eigvalsh(sum(g / wi for g, wi in zip(G, w)))[-1])
+
+    logs = [0.5 * math.log(v) for v in lam]  # w_i ~ sqrt(lambda_max(B_i B_i^T)): at most (sum_i |B_i|)^2
+    best, step, n = top(logs), 0.5, 1
+    while n < evals and step > 1e-3 and len(terms) > 1:
+        improved = False
+        for i in range(len(terms)):
+            for sgn in (1.0, -1.0):
+                trial = list(logs)
+                trial[i] += sgn * step
+                val = top(trial)
+                n += 1
+                if val < best:
+                    best, logs, improved = val, trial, True
+                    break
+            if n >= evals:
+                break
+        if not improved:
+            step /= 2
+    w = weights(logs)
+    S = sum(g / wi for g, wi in zip(G, w))
+    S = 0.5 * (S + S.T)
+    err = sum((ROUNDING_SAFETY * _gamma(B.size(1)) * float(B.norm()) ** 2 + 2 * float(B.norm()) * e + e * e) / wi
+              for (B, e), wi in zip(terms, w))
+    err += ROUNDING_SAFETY * _gamma(len(terms) + 2) * float(S.norm())
+    fro = float(S.norm()) + d * err
+    S.diagonal().add_(err + max(CHOL_JITTER_MIN, 4 * d * _gamma(d + 1)) * fro)
+    return torch.linalg.cholesky(S)
+
+
+def _ellipsoid_rms(L: torch.Tensor) -> float:
+    """Upper bound on max RMS over E(L)."""
+    return sigma_upper(L) / math.sqrt(L.size(0))
+
+
+def ellipsoid_attn(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
+    """Set of skip x_t + branch f sum_h P_h z_h over x_t, z_h in E(L) (z_h is a convex combination of the
+    positions' vectors, so it stays in the convex set E(L)): a Minkowski sum of E(skip L) and E(branch f P_h L)."""
+    skip, branch = residual_coeffs(cfg)
+    c = branch * attn_out_factor(cfg)
+    terms = [(skip * L, 2 * UNIT_ROUNDOFF * skip * float(L.norm()))]
+    for h in layer["heads"]:
+        VL, e = _mm(h["Wv_h"], L)
+        PL, e = _mm(h["Wo_h"], VL, 0.0, e)
+        terms.append((c * PL, c * e + 2 * UNIT_ROUNDOFF * c * float(PL.norm())))
+    return _ellipsoid_of_sum(terms)
+
+
+def ellipsoid_mlp(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
+    """Set of skip x + branch W_out gelu(W_in x) / c over x in E(L), the smaller of two containing sets:
+    gelu(z) = z/2 + r(z), |r(z)| <= |z|/2: A x + (branch/c) W_out r with A = skip I + branch/(2c) W_out W_in;
+    or |gelu(z)| <= |z|: skip x + (branch/c) W_out g. |z| <= sigma(W_in L)."""
+    skip, branch = residual_coeffs(cfg)
+    cg = GELU_MAX_SLOPE
+    W_in, W_out = layer["W_in"], layer["W_out"]
+    ZL, e = _mm(W_in, L)
+    z = sigma_upper(ZL, e)
+    wo_err = 2 * UNIT_ROUNDOFF * float(W_out.norm())
+    A, eA = _mm(W_out, W_in)
+    A = A * (branch / (2 * cg))
+    A.diagonal().add_(skip)
+    eA = eA * branch / (2 * cg) + 2 * UNIT_ROUNDOFF * float(A.norm())
+    AL, e = _mm(A, L, eA)
+    mid = _ellipsoid_of_sum([(AL, e), (branch * z / (2 * cg) * W_out, branch * z / (2 * cg) * wo_err)])
+    plain = _ellipsoid_of_sum([(skip * L, 2 * UNIT_ROUNDOFF * skip * float(L.norm())),
+                               (branch * z / cg * W_out, branch * z / cg * wo_err)])
+    return mid if _ellipsoid_rms(mid) <= _ellipsoid_rms(plain) else plain
+
+
+def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) -> dict:
+    """log bounds on the attention's softmax term (per unit input perturbation, before the output factor)
+    for inputs in E(L): per head the value spread rho_P = sigma(P_h L), the logit derivative
+    kappa (m_A + m_B) with m_A >= max_delta sigma(M_delta L) (query perturbed), m_B >= max_delta
+    sigma(L^T M_delta) (keys perturbed), M_delta = W_q^h^T R_delta W_k^h; heads added as in _attn_tight."""
+    H, s = cfg.n_head, layer["sigma"]
+    kappa = cfg.softmax_scale / (cfg.d_model // H)
+    PL, PLe, log_rv, log_g, log_rk, sk = [], [], [], [], [], []
+    for h in layer["heads"]:
+        VL, eV = _mm(h["Wv_h"], L)
+        P_L, eP = _mm(h["Wo_h"], VL, 0.0, eV)
+        KL, eK = _mm(h["Wk_h"], L)
+        QL, eQ = _mm(h["Wq_h"], L)
+        rho_k, rho_q = sigma_upper(KL, eK), sigma_upper(QL, eQ)
+        if exact_rope:
+            m_A = head_qk_bound(h["Wq_h"], KL, cfg.seq_len, True, h["sigma_q"], rho_k) + h["sigma_q"] * eK
+            m_B = head_qk_bound(QL, h["Wk_h"], cfg.seq_len, True, rho_q, h["sigma_k"]) + h["sigma_k"] * eQ
+            m_A, m_B = min(m_A, h["sigma_q"] * rho_k), min(m_B, rho_q * h["sigma_k"])
+        else:
+            m_A, m_B = h["sigma_q"] * rho_k, rho_q * h["sigma_k"]
+        PL.append(P_L)
+        PLe.append(eP)
+        log_rv.append(_log(sigma_upper(VL, eV)))
+        log_g.append(_log(kappa * (m_A + m_B)))
+        log_rk.append(_log(rho_k))
+        sk.append(_log(h["sigma_k"]))
+    log_rP = [_log(sigma_upper(P, e)) for P, e in zip(PL, PLe)]
+    WqL, eQ = _mm(layer["W_q"], L)
+    rho_Q = sigma_upper(WqL, eQ)
+    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk),
+                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk)])
+    return {"sum_heads": _lse([p + g for p, g in zip(log_rP, log_g)]),
+            "via_Wo": _log(s["o"]) + 0.5 * _lse([2 * (v + g) for v, g in zip(log_rv, log_g)]),
+            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g),
+            "shared_query": shared}
 
 
 # -----------------------------------------------------------------------------
 # The bounds (natural logs inside, log10 outside)
 
 
-def _attn_tight(layer: dict, cfg, log_a: float) -> tuple[float, float, dict]:
-    """(log gain, log Lipschitz, details) of one attention sub-block for inputs of norm <= e^log_a."""
+def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
+                exact_rope: bool = True) -> tuple[float, float, dict]:
+    """(log gain, log Lipschitz, details) of one attention sub-block for inputs of norm <= e^log_a (and,
+    given L, in the ellipsoid E(L), which adds the softmax bounds of _attn_soft_ellipsoid)."""
     H, heads, s = cfg.n_head, layer["heads"], layer["sigma"]
     log_f = math.log(attn_out_factor(cfg))
     log_c = [_log(2 * cfg.softmax_scale * H) + 2 * log_a + _log(h["m_qk"]) for h in heads]  # softmax terms
@@ -251,6 +429,8 @@ def _attn_tight(layer: dict, cfg, log_a: float) -> tuple[float, float, dict]:
     # softmax terms add up to 2 s n_head a^2 sigma(W_q) sigma([sigma_k^1 P_1 ... sigma_k^H P_H])
     soft["shared_query"] = (_log(2 * cfg.softmax_scale * H) + 2 * log_a + _log(s["q"])
                             + _log_concat_sigma(heads, [_log(h["sigma_k"]) for h in heads]))
+    if L is not None:
+        soft.update({f"ellipsoid_{k}": v for k, v in _attn_soft_ellipsoid(layer, cfg, L, exact_rope).items()})
     comb = three(log_1c)
     log_gain = log_f + min(value.values())
     options = dict(comb)
@@ -263,21 +443,26 @@ def _attn_tight(layer: dict, cfg, log_a: float) -> tuple[float, float, dict]:
     return log_gain, log_L, det
 
 
-def _bound(pre: dict, cfg, mode: str) -> dict:
-    """Compose the per-sub-block bounds of `mode` into the network's bound, in log space."""
+def _bound(pre: dict, cfg, mode: str, ellipsoid: bool = False) -> dict:
+    """Compose the per-sub-block bounds of `mode` into the network's bound, in log space. With
+    ellipsoid (tight only), activation sets are also propagated as ellipsoids (section 5)."""
     skip, branch = residual_coeffs(cfg)  # x <- skip x + branch f(x)
     la, lb = math.log(skip), math.log(branch)
     r0 = max(cfg.emb_w_max, pre["emb"])
     log_a = math.log(r0)
+    ellipsoid = ellipsoid and mode == "tight"
+    L = math.sqrt(cfg.d_model) * r0 * torch.eye(cfg.d_model, dtype=torch.float64) if ellipsoid else None
     total = 0.0          # log of the running Lipschitz bound (map from embedding outputs: starts at 1)
     total_fix = 0.0      # paper with the MLP constant corrected
     rows = []
     for i, layer in enumerate(pre["layers"]):
         s = layer["sigma"]
         for kind in ("attn", "mlp"):
+            if L is not None:
+                log_a = min(log_a, _log(_ellipsoid_rms(L)))
             if kind == "attn":
                 if mode == "tight":
-                    log_g, log_L, det = _attn_tight(layer, cfg, log_a)
+                    log_g, log_L, det = _attn_tight(layer, cfg, log_a, L, pre["exact_rope"])
                     used = det
                 else:
                     log_ov = _log(s["o"]) + _log(s["v"]) + math.log(attn_out_factor(cfg))
@@ -294,17 +479,30 @@ def _bound(pre: dict, cfg, mode: str) -> dict:
                 log_L_fix = log_w                          # gelu / GELU_MAX_SLOPE is 1-Lipschitz
                 log_L = log_w - math.log(GELU_MAX_SLOPE) if mode != "tight" else log_w  # published: divides again
                 used = {"W_in": layer["fc"], "W_out": layer["proj"]}
-            total += _lse([la, lb + log_L])
+            log_factor = _lse([la, lb + log_L])        # |skip I + branch J_f| <= skip + branch L_f
+            log_factor_g = _lse([la, lb + log_g])      # |skip x + branch f(x)| <= (skip + branch g) |x|
+            if mode == "tight" and kind == "mlp":      # the MLP and its skip bounded together (midpoint of gelu')
+                w, mid = layer["proj"] * layer["fc"], layer["mlp_mid"]
+                joint_L = _log(mid + branch * (GELU_MAX_SLOPE - 0.5) / GELU_MAX_SLOPE * w)
+                joint_g = _log(mid + branch / (2 * GELU_MAX_SLOPE) * w)
+                used = {**used, "mid": mid, "joint": joint_L < log_factor}
+                log_factor, log_factor_g = min(log_factor, joint_L), min(log_factor_g, joint_g)
+            total += log_factor
             total_fix += _lse([la, lb + log_L_fix])
             rows.append({"block": f"{kind} {i}", "norms": used, "log10_act_in": log_a / LN10,
-                         "log10_gain": log_g / LN10, "log10_lipschitz": log_L / LN10, "log10_total": total / LN10})
-            log_a = log_a + _lse([la, lb + log_g])
+                         "log10_gain": log_g / LN10, "log10_lipschitz": log_L / LN10,
+                         "log10_factor": log_factor / LN10, "log10_total": total / LN10})
+            log_a = log_a + log_factor_g
+            if L is not None:
+                L = (ellipsoid_attn if kind == "attn" else ellipsoid_mlp)(layer, cfg, L)
     log_head = _log(pre["head"]) + _log(cfg.final_scale if mode != "paper_code" else 1.0)
     total += log_head
     total_fix += log_head
     rows.append({"block": "head", "norms": {"head": pre["head"], "final_scale": cfg.final_scale},
                  "log10_act_in": log_a / LN10, "log10_gain": log_head / LN10, "log10_lipschitz": log_head / LN10,
                  "log10_total": total / LN10})
+    if L is not None:
+        log_a = min(log_a, _log(_ellipsoid_rms(L)))
     out = {"mode": mode, "log10_bound": total / LN10, "bound": _num(total / LN10), "per_block": rows,
            "log10_act_bound": log_a / LN10}
     if mode == "tight":
@@ -340,17 +538,23 @@ def fmt(log10: float) -> str:
 
 
 def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False, rope: str = "auto",
-            effort: float = 1.0, seed: int = 0) -> dict:
+            effort: float = 1.0, seed: int = 0, data: torch.Tensor | None = None, searches=SEARCHES,
+            progress: bool = False, activation: str = "auto") -> dict:
     """Certificate of a model given as weights + config (a Config or its asdict).
 
     mode: paper | paper_code | tight | all. rope: exact (maximize m_h over RoPE offsets), bound (use
     sigma(W_q^h) sigma(W_k^h)) or auto (exact when n_layer * n_head * seq_len <= ROPE_EXACT_MAX_WORK).
-    With empirical=True, also a searched lower bound (effort scales its starts and steps)."""
+    activation: ellipsoid (activation sets propagated as ellipsoids, section 5), scalar (norms only) or
+    auto (ellipsoid when n_layer * d_model^2 <= ELLIPSOID_MAX_WORK).
+    With empirical=True, also a searched lower bound (empirical_lower_bound: effort scales its starts
+    and steps; data = token windows (n, T) for the data searches, skipped when None)."""
     cfg = _config(config)
     if mode not in MODES + ("all",):
         raise CertificateError(f"mode {mode!r} is not one of {', '.join(MODES + ('all',))}")
     if rope not in ("auto", "exact", "bound"):
         raise CertificateError(f"rope {rope!r} is not one of auto, exact, bound")
+    if activation not in ("auto", "ellipsoid", "scalar"):
+        raise CertificateError(f"activation {activation!r} is not one of auto, ellipsoid, scalar")
     if cfg.arch == "baseline":
         raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified (the baseline's "
                                "RMSNorm and QK-norm have no global Lipschitz bound)")
@@ -358,7 +562,8 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
     exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
     t0 = time.perf_counter()
     pre = collect_norms(state_dict, cfg, exact_rope)
-    results = {m: _bound(pre, cfg, m) for m in (MODES if mode == "all" else (mode,))}
+    ellipsoid = activation == "ellipsoid" or (activation == "auto" and cfg.n_layer * cfg.d_model ** 2 <= ELLIPSOID_MAX_WORK)
+    results = {m: _bound(pre, cfg, m, ellipsoid) for m in (MODES if mode == "all" else (mode,))}
     main_mode = "tight" if mode == "all" else mode
     out = dict(results[main_mode])
     out["mode"] = mode
@@ -372,12 +577,14 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
                           f"(x sqrt({cfg.vocab_size}) for max_t l2)")
     out["radius"] = r0
     out["rope"] = "max over RoPE offsets" if exact_rope else "sigma(W_q^h) sigma(W_k^h) (offset-free)"
+    out["activation_sets"] = "ellipsoids" if ellipsoid else "norm balls"
     out["arithmetic"] = "exact (bf16 autocast and fp32 RoPE tables of the trainer are outside the claim)"
     out["certify_s"] = time.perf_counter() - t0
     if empirical:
         model = GPT(cfg)
         model.load_state_dict(state_dict)
-        emp = empirical_lower_bound(model, r0, effort=effort, seed=seed)
+        emp = empirical_lower_bound(model, r0, effort=effort, seed=seed, data=data, progress=progress,
+                                    searches=[s for s in searches if data is not None or not s.startswith("data")])
         out.update(emp)
         for res in ([out] + list(results.values()) if mode == "all" else [out]):
             res["looseness"] = _num(res["log10_bound"] - emp["log10_empirical_lower"])
@@ -385,19 +592,41 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
     return out
 
 
+def validation_windows(cfg, val_bin: str | None = None, max_windows: int = DATA_MAX_WINDOWS) -> torch.Tensor:
+    """Up to max_windows non-overlapping full-context windows (n, seq_len) of the validation shards
+    (val_bin, default the checkpoint's cfg.val_bin); DataError if there are none."""
+    toks = load_val_tokens(val_bin or cfg.val_bin, max_windows * cfg.seq_len, cfg.seq_len, cfg.vocab_size)
+    n = (toks.numel() - 1) // cfg.seq_len
+    return toks[: n * cfg.seq_len].view(n, cfg.seq_len)
+
+
 def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, rope: str = "auto",
-                       effort: float = 1.0, seed: int = 0) -> dict:
+                       effort: float = 1.0, seed: int = 0, val_bin: str | None = None, searches=SEARCHES,
+                       progress: bool = False, activation: str = "auto") -> dict:
     """Certificate of a checkpoint file (loaded with weights_only=True via train_gpt.load_checkpoint).
 
-    A checkpoint of an architecture without a certificate gives {"certified": False, "reason": ...}."""
+    With empirical=True the data searches read validation windows from val_bin (default: the
+    checkpoint's val_bin, relative to the working directory); without shards they are skipped and
+    "empirical_data" says why. A checkpoint of an architecture without a certificate gives
+    {"certified": False, "reason": ...}."""
     ck = load_checkpoint(path)
     cfg = config_from_checkpoint(ck, path)
     if cfg.arch == "baseline":
         return {"certified": False, "reason": f"arch={cfg.arch} has no Lipschitz certificate", "path": path}
+    data, note = None, None
+    if empirical and any(s.startswith("data") for s in searches):
+        try:
+            data = validation_windows(cfg, val_bin)
+            note = f"{data.size(0)} validation windows of {data.size(1)} tokens from '{val_bin or cfg.val_bin}'"
+        except DataError as e:
+            note = f"data searches skipped: {e}"
     try:
-        out = certify(ck["model"], cfg, mode=mode, empirical=empirical, rope=rope, effort=effort, seed=seed)
+        out = certify(ck["model"], cfg, mode=mode, empirical=empirical, rope=rope, effort=effort, seed=seed,
+                      data=data, searches=searches, progress=progress, activation=activation)
     except CertificateError as e:
         raise CertificateError(f"{path}: {e}") from None
+    if note:
+        out["empirical_data"] = note
     out["certified"], out["path"], out["step"] = True, path, ck.get("step")
     return out
 
@@ -421,12 +650,29 @@ def summary_line(cert: dict) -> str:
 
 # -----------------------------------------------------------------------------
 # Empirical lower bound
+#
+# Every search below ends with a number evaluated exactly (float64) at its final point in the
+# certificate's norms, so each is a lower bound on the true constant L:
+# - a secant |F(X) - F(Y)| / |X - Y| with X, Y in the domain D, or
+# - a local ratio |J_F(X) v| / |v| with X in D: for X inside D, X + h v is in D for small h and the
+#   ratio is the limit of secants; J_F is continuous and D is the closure of its interior, so it
+#   holds on the boundary too.
 
 
 def forward_embeddings(model: GPT, X: torch.Tensor) -> torch.Tensor:
     """Logits of the model from embedding outputs X (B, T, d), with exact (float64) RoPE tables."""
     cos, sin = rope_tables64(X.size(1), model.cfg.d_model // model.cfg.n_head)
     return model.logits_from_embeddings(X, cos.to(X), sin.to(X))
+
+
+def _logits_fn(model: GPT):
+    """X -> logits through the decomposed ("math") attention kernel, which forward-mode AD (jvp) supports."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def f(X):
+        with sdpa_kernel(SDPBackend.MATH):
+            return forward_embeddings(model, X)
+    return f
 
 
 def seq_norm(X: torch.Tensor) -> torch.Tensor:
@@ -439,45 +685,221 @@ def _project(X: torch.Tensor, r0: float) -> torch.Tensor:
     return X * torch.clamp(r0 / rms.clamp_min(1e-300), max=1.0)
 
 
-def empirical_lower_bound(model: GPT, r0: float, effort: float = 1.0, seed: int = 0,
-                          lengths=(2, 8, 32, 64), scales=(1e-4, 0.5), starts: int = 4,
-                          steps: int = 60) -> dict:
-    """Largest |F(X) - F(Y)| / |X - Y| found over X, Y in the domain (every position RMS <= r0), by Adam
-    ascent of the log ratio from many random starts on the sphere, for each sequence length and
-    each perturbation size eps r0. The ratio is evaluated exactly on the final projected points, so
-    the result is a lower bound on the Lipschitz constant in the certificate's norms."""
-    cfg = model.cfg
+def _unit_rows(U: torch.Tensor) -> torch.Tensor:
+    """Every position scaled to RMS 1 (a zero row becomes all ones)."""
+    n = U.pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.where(n > 0, U / n.clamp_min(1e-300), torch.ones_like(U))
+
+
+def _float64_model(model: GPT) -> GPT:
     m = copy.deepcopy(model).double().eval()
     for p in m.parameters():
         p.requires_grad_(False)
+    return m
+
+
+def local_lipschitz(model: GPT, X: torch.Tensor, v: torch.Tensor | None = None, iters: int = 8,
+                    seed: int = 0) -> dict:
+    """|J_F(X) v| / |v| (max-position RMS on both sides) maximized over v by the power method of these
+    norms, for each of the B sequences of X (B, T, d); the model must be float64 (_float64_model).
+
+    One step: w = (J v)_t at the output position t where |(J v)_t| is largest; v_s = (J^T w)_s scaled to
+    RMS 1 at every input position s. The new v maximizes <w, (J v)_t> over |v| <= 1, so
+    |(J v_new)_t| >= <w, (J v_new)_t> / |w| >= |(J v)_t|: the ratio never decreases. Jacobian-vector and
+    vector-Jacobian products only (torch.func.jvp / vjp); no Jacobian is formed.
+    Returns {"ratio": (B,), "v": (B, T, d), "t": (B,), "history": (iters + 1, B)}, ratio evaluated at the
+    returned v (the best step; history is every step's ratio)."""
+    f = _logits_fn(model)
+    X = X.detach()
+    if v is None:
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(X.shape, generator=g, dtype=X.dtype)
+    v = _unit_rows(v.detach().to(X))
+    _, pull = torch.func.vjp(f, X)
+    best_r, best_v, best_t, history = None, v, None, []
+    for i in range(iters + 1):
+        _, jv = torch.func.jvp(f, (X,), (v,))
+        per = jv.pow(2).mean(-1).sqrt()                      # (B, T) output RMS per position
+        val, t = per.max(-1)
+        r = val / seq_norm(v)
+        history.append(r)
+        if best_r is None:
+            best_r, best_v, best_t = r, v, t
+        else:
+            up = r > best_r
+            best_r, best_t = torch.where(up, r, best_r), torch.where(up, t, best_t)
+            best_v = torch.where(up[:, None, None], v, best_v)
+        if i == iters:
+            break
+        w = torch.zeros_like(jv)
+        idx = torch.arange(X.size(0))
+        w[idx, t] = jv[idx, t]
+        v = _unit_rows(pull(w)[0])
+    return {"ratio": best_r, "v": best_v, "t": best_t, "history": torch.stack(history)}
+
+
+def secant_ratio(model: GPT, X: torch.Tensor, v: torch.Tensor, r0: float, step: float = 1e-6) -> torch.Tensor:
+    """The secant |F(X') - F(Y)| / |X' - Y| with X' = (1 - step) X and Y = X' + step r0 v / |v|: both in
+    the domain when X is, so a lower bound by definition; near |J v| / |v| for a small step."""
+    f = _logits_fn(model)
+    Xp = X * (1 - step)
+    D = v / seq_norm(v)[:, None, None] * (step * r0)
+    return seq_norm(f(Xp + D) - f(Xp)) / seq_norm(D)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (silent unless enabled)."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 0.5):
+        self.total, self.done, self.enabled, self.every_s = max(1, total), 0, enabled, every_s
+        self.t0 = self.shown = time.perf_counter()
+
+    def step(self, n: int, what: str, best: float) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.shown >= self.every_s or self.done >= self.total):
+            self.shown = now
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(30 * frac)
+            print(f"\r[{bar:<30}] {100 * frac:5.1f}% {time.perf_counter() - self.t0:6.0f}s  {what:<12} best {best:.4g}   ",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def _ascend(m: GPT, X0: torch.Tensor, v0: torch.Tensor, r0: float, steps: int, bar: _Progress, what: str,
+            best: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam ascent of log |F(X + h U) - F(X)| / h (h = ASCENT_STEP r0, U at RMS 1 per position) over
+    X in the domain and U, with a power-method refresh of U every SNAP_EVERY steps. Returns the final
+    (projected) X and U; the caller evaluates them exactly."""
+    f = _logits_fn(m)
+    Z, U = X0.detach().clone().requires_grad_(True), _unit_rows(v0).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([Z, U], lr=ASCENT_LR * r0)
+    h = ASCENT_STEP * r0
+    for it in range(steps):
+        X = _project(Z, r0)
+        num = seq_norm(f(X + _unit_rows(U) * h) - f(X))
+        opt.zero_grad()
+        (-torch.log(num.clamp_min(1e-300)).sum()).backward()
+        opt.step()
+        if (it + 1) % SNAP_EVERY == 0 and it + 1 < steps:
+            loc = local_lipschitz(m, _project(Z.detach(), r0), U.detach(), iters=2)
+            with torch.no_grad():
+                U.copy_(loc["v"])
+            best = max(best, float(loc["ratio"].max()))
+        bar.step(1, what, max(best, float(num.detach().max()) / h))
+    return _project(Z.detach(), r0), U.detach()
+
+
+def empirical_lower_bound(model: GPT, r0: float, effort: float = 1.0, seed: int = 0,
+                          lengths=(2, 8, 32, 64), scales=(1e-4, 0.5), starts: int = 4,
+                          steps: int = 60, searches=SEARCHES, jac_lengths=(16, 64), jac_starts: int = 4,
+                          jac_steps: int = 200, data: torch.Tensor | None = None, data_windows: int = 8,
+                          data_steps: int = 60, progress: bool = False) -> dict:
+    """Largest ratio found by several searches, each a lower bound on the Lipschitz constant in the
+    certificate's norms (see the comment above). effort multiplies the secant search's starts and steps,
+    the Jacobian ascents' steps and the number of data windows (the ascents' starts stay jac_starts and 1).
+
+    secant: Adam ascent of log |F(X) - F(Y)| / |X - Y| over X, Y in the domain from `starts` random
+        starts per length in `lengths` and perturbation size eps r0 in `scales`, ratio of the final points.
+    jacobian: Adam ascent of the local ratio (_ascend) from `jac_starts` random sequences on the sphere
+        per length in jac_lengths (capped at seq_len), then local_lipschitz at the final point.
+    data: local_lipschitz at `data_windows` token windows of `data` (LongTensor (n, T), real text),
+        embedded with the model's own embedding rows (inside the domain by the definition of r0).
+    data_ascent: the jacobian ascent (`data_steps` steps) from the best data window.
+    Returns the maximum, the search that found it, and every search's own best."""
+    cfg = model.cfg
+    unknown = [s for s in searches if s not in SEARCHES]
+    if unknown:
+        raise CertificateError(f"unknown search(es) {unknown}: choose from {', '.join(SEARCHES)}")
+    m = _float64_model(model)
     gen = torch.Generator().manual_seed(seed)
-    n_starts, n_steps = max(1, int(round(starts * effort))), max(1, int(round(steps * effort)))
-    best, where = 0.0, None
-    t0 = time.perf_counter()
-    for T in [t for t in lengths if t <= cfg.seq_len]:
-        for eps in scales:
-            X = torch.randn(n_starts, T, cfg.d_model, generator=gen, dtype=torch.float64)
-            X = (X / X.pow(2).mean(-1, keepdim=True).sqrt() * r0).requires_grad_(True)
-            U = torch.randn(n_starts, T, cfg.d_model, generator=gen, dtype=torch.float64).requires_grad_(True)
-            opt = torch.optim.Adam([X, U], lr=0.05 * r0)
-            for it in range(n_steps + 1):
-                Xp = _project(X, r0)
-                D = U / U.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-300) * (eps * r0)  # every position at eps r0
-                Yp = _project(Xp + D, r0)
-                num = seq_norm(forward_embeddings(m, Yp) - forward_embeddings(m, Xp))
-                den = seq_norm(Yp - Xp)
-                ok = den > 0
-                ratio = torch.where(ok, num / den.clamp_min(1e-300), torch.zeros_like(num))
-                r = float(ratio.detach().max())
-                if r > best:
-                    best, where = r, {"seq_len": T, "eps": eps}
-                if it == n_steps:
-                    break
-                opt.zero_grad()
-                (-torch.log(ratio[ok].clamp_min(1e-300)).sum()).backward()
-                opt.step()
-    return {"empirical_lower": best, "log10_empirical_lower": _log(best) / LN10, "empirical_at": where,
-            "empirical_s": time.perf_counter() - t0, "empirical_starts": n_starts, "empirical_steps": n_steps}
+    scaled = lambda n: max(1, int(round(n * effort)))  # noqa: E731
+    n_starts, n_steps = scaled(starts), scaled(steps)
+    sec_lengths = [t for t in lengths if t <= cfg.seq_len]
+    jac_T = sorted({min(t, cfg.seq_len) for t in jac_lengths})
+    if data is not None and data.dim() != 2:
+        raise CertificateError(f"data must be token windows of shape (n, T), got {tuple(data.shape)}")
+    use_data = data is not None and data.numel() > 0
+    n_win = min(scaled(data_windows), data.size(0)) if use_data else 0
+    work = {"secant": len(sec_lengths) * len(scales) * (n_steps + 1),
+            "jacobian": len(jac_T) * scaled(jac_steps), "data": n_win, "data_ascent": scaled(data_steps)}
+    bar = _Progress(sum(work[s] for s in searches if use_data or not s.startswith("data")), progress)
+    found = {}
+
+    def record(name, value, at, t0):
+        value = float(value)
+        if name not in found or value > found[name]["lower"]:
+            found[name] = {"lower": value, "log10": _log(value) / LN10, "at": at}
+        found[name]["s"] = time.perf_counter() - t0
+
+    best = 0.0
+    if "secant" in searches:
+        t0 = time.perf_counter()
+        f = _logits_fn(m)
+        for T in sec_lengths:
+            for eps in scales:
+                X = torch.randn(n_starts, T, cfg.d_model, generator=gen, dtype=torch.float64)
+                X = (X / X.pow(2).mean(-1, keepdim=True).sqrt() * r0).requires_grad_(True)
+                U = torch.randn(n_starts, T, cfg.d_model, generator=gen, dtype=torch.float64).requires_grad_(True)
+                opt = torch.optim.Adam([X, U], lr=0.05 * r0)
+                for it in range(n_steps + 1):
+                    Xp = _project(X, r0)
+                    D = U / U.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-300) * (eps * r0)  # every position at eps r0
+                    Yp = _project(Xp + D, r0)
+                    num = seq_norm(f(Yp) - f(Xp))
+                    den = seq_norm(Yp - Xp)
+                    ok = den > 0
+                    ratio = torch.where(ok, num / den.clamp_min(1e-300), torch.zeros_like(num))
+                    record("secant", ratio.detach().max(), {"seq_len": T, "eps": eps}, t0)
+                    best = max(best, found["secant"]["lower"])
+                    bar.step(1, "secant", best)
+                    if it == n_steps:
+                        break
+                    opt.zero_grad()
+                    (-torch.log(ratio[ok].clamp_min(1e-300)).sum()).backward()
+                    opt.step()
+    if "jacobian" in searches:
+        t0 = time.perf_counter()
+        for T in jac_T:
+            X = torch.randn(jac_starts, T, cfg.d_model, generator=gen, dtype=torch.float64)
+            X = X / X.pow(2).mean(-1, keepdim=True).sqrt() * r0
+            v = torch.randn(X.shape, generator=gen, dtype=torch.float64)
+            X, v = _ascend(m, X, v, r0, scaled(jac_steps), bar, "jacobian", best)
+            loc = local_lipschitz(m, X, v)
+            i = int(loc["ratio"].argmax())
+            record("jacobian", loc["ratio"][i], {"seq_len": T, "output_position": int(loc["t"][i])}, t0)
+            best = max(best, found["jacobian"]["lower"])
+    if use_data and any(s.startswith("data") for s in searches):
+        t0 = time.perf_counter()
+        pick = torch.linspace(0, data.size(0) - 1, n_win).round().long()
+        emb = m.embed.weight
+        scores = []
+        for j in pick.tolist():
+            loc = local_lipschitz(m, emb[data[j]].unsqueeze(0), seed=seed + j, iters=6)
+            scores.append((float(loc["ratio"][0]), j, loc["v"]))
+            if "data" in searches:
+                record("data", loc["ratio"][0], {"seq_len": data.size(1), "window": j, "output_position": int(loc["t"][0])}, t0)
+                best = max(best, found["data"]["lower"])
+            bar.step(1, "data", best)
+        if "data_ascent" in searches:
+            t0 = time.perf_counter()
+            _, j, v = max(scores, key=lambda s: s[0])
+            X, v = _ascend(m, emb[data[j]].unsqueeze(0), v, r0, scaled(data_steps), bar, "data_ascent", best)
+            loc = local_lipschitz(m, X, v)
+            record("data_ascent", loc["ratio"][0], {"seq_len": data.size(1), "from_window": j,
+                                                    "output_position": int(loc["t"][0])}, t0)
+            best = max(best, found["data_ascent"]["lower"])
+    bar.close()
+    if not found:
+        raise CertificateError("no search ran: the data searches need token windows (pass data, or add 'secant' or 'jacobian')")
+    top = max(found, key=lambda k: found[k]["lower"])
+    return {"empirical_lower": found[top]["lower"], "log10_empirical_lower": found[top]["log10"],
+            "empirical_found_by": top, "empirical_at": {"search": top, **found[top]["at"]},
+            "empirical_searches": found, "empirical_s": sum(v["s"] for v in found.values()),
+            "empirical_starts": n_starts, "empirical_steps": n_steps}
 
 
 # -----------------------------------------------------------------------------
@@ -513,15 +935,33 @@ def main(argv=None) -> int:
                                 "train_gpt.py checkpoint; see docs/certificate.md")
     p.add_argument("checkpoint", help="ckpt_final.pt or ckpt_step*.pt written by train_gpt.py")
     p.add_argument("--mode", default="all", choices=MODES + ("all",), help="which bound(s)")
-    p.add_argument("--empirical", action="store_true", help="also search for a lower bound (float64, CPU)")
-    p.add_argument("--effort", type=float, default=1.0, help="multiplies the search's starts and steps")
+    p.add_argument("--empirical", action="store_true", help="also search for a lower bound (float64, CPU; "
+                   "minutes: a progress bar on stderr)")
+    p.add_argument("--effort", type=float, default=1.0, help="multiplies the search's starts, windows and steps")
+    p.add_argument("--searches", default=",".join(SEARCHES), help=f"comma-separated subset of {','.join(SEARCHES)}")
+    p.add_argument("--val_bin", default=None, help="validation shards for the data searches (default: the "
+                   "checkpoint's val_bin, relative to the working directory)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0, help="seed of the search")
     p.add_argument("--rope", default="auto", choices=("auto", "exact", "bound"),
                    help="per-head q-k norm: maximized over RoPE offsets (exact) or sigma_q sigma_k (bound)")
+    p.add_argument("--activation", default="auto", choices=("auto", "ellipsoid", "scalar"),
+                   help="activation sets: ellipsoids (tighter, d^3 work per sub-block) or norm balls; auto: "
+                   f"ellipsoids when n_layer * d_model^2 <= {ELLIPSOID_MAX_WORK:g}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    searches = tuple(x for x in a.searches.split(",") if x)
+    bad = [x for x in searches if x not in SEARCHES]
+    if bad or not searches:
+        print(f"error: --searches {a.searches!r}: each must be one of {', '.join(SEARCHES)}", file=sys.stderr)
+        return 2
+    if a.effort <= 0:
+        print(f"error: --effort {a.effort} must be > 0 (it multiplies the search's starts and steps)", file=sys.stderr)
+        return 2
     try:
-        cert = certify_checkpoint(a.checkpoint, a.mode, a.empirical, a.rope, a.effort, a.seed)
+        cert = certify_checkpoint(a.checkpoint, a.mode, a.empirical, a.rope, a.effort, a.seed, val_bin=a.val_bin,
+                                  searches=searches, progress=a.empirical and not a.no_progress,
+                                  activation=a.activation)
     except (CheckpointError, CertificateError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -533,15 +973,19 @@ def main(argv=None) -> int:
         return 0
     print(f"checkpoint {a.checkpoint} (step {cert.get('step')})")
     print(f"map: embedding outputs -> logits; input domain: {cert['domain']}")
-    print(f"output norm: {cert['output_norm']}; arithmetic: {cert['arithmetic']}; q-k: {cert['rope']}")
+    print(f"output norm: {cert['output_norm']}; arithmetic: {cert['arithmetic']}; q-k: {cert['rope']}; "
+          f"activation sets: {cert['activation_sets']}")
     for res in (cert["modes"].values() if "modes" in cert else [cert]):
         print()
         print(format_table(res))
     if "log10_empirical_lower" in cert:
         print()
         print(f"empirical lower bound: {fmt(cert['log10_empirical_lower'])} (log10 {cert['log10_empirical_lower']:.4f}; "
-              f"{cert['empirical_starts']} starts x {cert['empirical_steps']} steps, {cert['empirical_s']:.1f}s, "
-              f"best at {cert['empirical_at']})")
+              f"found by {cert['empirical_found_by']} at {cert['empirical_at']}; {cert['empirical_s']:.1f}s)")
+        for name, r in cert["empirical_searches"].items():
+            print(f"  {name:<12} {fmt(r['log10']):>10}  {r['s']:7.1f}s  at {r['at']}")
+        if "empirical_data" in cert:
+            print(f"  data: {cert['empirical_data']}")
         for res in (cert["modes"].values() if "modes" in cert else [cert]):
             print(f"  looseness {res['mode']}: certificate / empirical = {fmt(res['log10_looseness'])}")
     print()

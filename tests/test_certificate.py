@@ -15,8 +15,10 @@ sys.path.insert(0, ROOT)
 
 import lipschitz_bound as lb  # noqa: E402
 import train_gpt as tg  # noqa: E402
+from conftest import make_shards  # noqa: E402
 
-SEARCH = dict(lengths=(2, 4), scales=(1e-4, 0.5), starts=6, steps=40)
+SEARCH = dict(lengths=(2, 4), scales=(1e-4, 0.5), starts=6, steps=40, jac_lengths=(8,), jac_starts=3, jac_steps=80)
+SQRT2 = 2 ** 0.5  # gelu' reaches its maximum GELU_MAX_SLOPE at sqrt(2) and its minimum 1 - GELU_MAX_SLOPE at -sqrt(2)
 
 
 def tiny_cfg(**kw):
@@ -190,16 +192,23 @@ def test_paper_mlp_constant_is_not_an_upper_bound():
 # ---- soundness over a grid, and monotonicity
 
 
-GRID = [  # (kind, w_max, n_layer, n_head, softmax_scale)
-    ("random", 0.5, 1, 1, 1.0), ("random", 1.0, 2, 2, 24.0), ("random", 4.0, 3, 4, 8.0), ("random", 16.0, 4, 8, 1.0),
-    ("identity", 0.5, 2, 8, 24.0), ("identity", 2.0, 1, 4, 2.0), ("identity", 16.0, 1, 2, 0.5),
-    ("trained", 1.0, 1, 2, 24.0), ("trained", 2.0, 2, 8, 4.0), ("trained", 8.0, 4, 1, 1.0),
+GRID = [  # (kind, w_max, n_layer, n_head, softmax_scale, arch)
+    ("random", 0.5, 1, 1, 1.0, "lipschitz"), ("random", 1.0, 2, 2, 24.0, "lipschitz"),
+    ("random", 4.0, 3, 4, 8.0, "lipschitz"), ("random", 16.0, 4, 8, 1.0, "lipschitz"),
+    ("identity", 0.5, 2, 8, 24.0, "lipschitz"), ("identity", 2.0, 1, 4, 2.0, "lipschitz"),
+    ("identity", 16.0, 1, 2, 0.5, "lipschitz"),
+    ("trained", 1.0, 1, 2, 24.0, "lipschitz"), ("trained", 2.0, 2, 8, 4.0, "lipschitz"),
+    ("trained", 8.0, 4, 1, 1.0, "lipschitz"), ("trained", 4.0, 3, 4, 16.0, "lipschitz"),
+    ("random", 0.5, 3, 8, 8.0, "plain_residual"), ("random", 2.0, 2, 4, 16.0, "plain_residual"),
+    ("identity", 1.0, 1, 2, 4.0, "plain_residual"), ("trained", 1.0, 2, 2, 16.0, "plain_residual"),
+    ("trained", 4.0, 1, 8, 8.0, "plain_residual"),
 ]
 
 
-@pytest.mark.parametrize("kind,w_max,L,H,s", GRID)
-def test_empirical_never_exceeds_tight(kind, w_max, L, H, s):
-    cfg = tiny_cfg(n_layer=L, n_head=H, softmax_scale=s)
+@pytest.mark.parametrize("kind,w_max,L,H,s,arch", GRID)
+def test_empirical_never_exceeds_tight(kind, w_max, L, H, s, arch):
+    """Every search (secant and Jacobian ascents) stays at or below the tight bound."""
+    cfg = tiny_cfg(n_layer=L, n_head=H, softmax_scale=s, arch=arch)
     if kind == "random":
         m = random_model(cfg, w_max, seed=L * 10 + H)
     elif kind == "identity":
@@ -208,9 +217,10 @@ def test_empirical_never_exceeds_tight(kind, w_max, L, H, s):
         m, cfg = trained_model(cfg, w_max, seed=H)
     cert = lb.certify(m.state_dict(), cfg, "tight")
     r0 = cert["radius"]
-    e = emp(m, r0=r0, seed=H)
+    res = lb.empirical_lower_bound(m, r0, seed=H, **SEARCH)
     assert math.isfinite(cert["log10_bound"])
-    assert e <= cert["log10_bound"] + 1e-9, (e, cert["log10_bound"])
+    for name, r in res["empirical_searches"].items():
+        assert r["log10"] <= cert["log10_bound"] + 1e-9, (name, r, cert["log10_bound"])
 
 
 def test_monotone_in_w_max():
@@ -235,6 +245,212 @@ def test_deep_wide_bound_stays_in_log_space():
     assert cert["log10_bound"] > 320 and cert["bound"] is None
     assert "10^" in lb.summary_line(cert)
     json.dumps(lb._jsonable(cert), allow_nan=False)
+
+
+# ---- the Jacobian searches: every reported value is a lower bound
+
+
+def test_jacobian_search_is_exact_on_a_linear_model():
+    """Attention and MLP zero: F(X)_t = skip^(2L) final_scale head x_t, position-wise linear with constant
+    skip^(2L) final_scale |head|. The tight bound equals it and the power method finds it, both archs."""
+    for arch in ("lipschitz", "plain_residual"):
+        cfg = tiny_cfg(n_layer=2, n_head=2, final_scale=3.0, arch=arch, vocab_size=24)
+        m = random_model(cfg, 1.0, seed=0)
+        with torch.no_grad():
+            for p in m.hidden_matrices():
+                p.zero_()
+            m.head.copy_(torch.randn(m.head.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+            m.head[0].add_(3.0)  # a clear top singular value: the power method converges in a few steps
+        skip, _ = tg.residual_coeffs(cfg)
+        exact = skip ** (2 * cfg.n_layer) * 3.0 * torch.linalg.svdvals(m.head.double())[0].item() / tg.rms_scale(m.head)
+        assert 10 ** bound(m, cfg) == pytest.approx(exact, rel=1e-10)
+        X = lb._project(torch.randn(2, 6, cfg.d_model, dtype=torch.float64) * 3, 1.0)
+        loc = lb.local_lipschitz(lb._float64_model(m), X, iters=25)
+        assert loc["ratio"].max().item() == pytest.approx(exact, rel=1e-9)
+        assert loc["ratio"].max().item() <= exact * (1 + 1e-12)
+
+
+def test_jacobian_ratio_is_a_secant_limit_and_power_method_is_monotone():
+    """|J v| / |v| at the final point matches a secant between two points of the domain (step 1e-6), and
+    each power-method step never lowers the ratio (the Hoelder argument in local_lipschitz)."""
+    for arch in ("lipschitz", "plain_residual"):
+        cfg = tiny_cfg(n_layer=2, n_head=4, softmax_scale=8.0, arch=arch)
+        m = lb._float64_model(random_model(cfg, 2.0, seed=4))
+        g = torch.Generator().manual_seed(0)
+        X = lb._project(torch.randn(3, 8, cfg.d_model, generator=g, dtype=torch.float64) * 2, 1.0)
+        loc = lb.local_lipschitz(m, X, iters=10)
+        h = loc["history"]
+        assert (h[1:] >= h[:-1] * (1 - 1e-12)).all(), h
+        assert torch.isfinite(h).all() and (h > 0).all()
+        sec = lb.secant_ratio(m, X, loc["v"], 1.0)
+        assert torch.allclose(sec, loc["ratio"], rtol=1e-4), (sec, loc["ratio"])
+
+
+def test_searches_report_their_own_best_and_which_found_the_maximum():
+    cfg = tiny_cfg(n_layer=2, n_head=4, softmax_scale=8.0)
+    m = random_model(cfg, 2.0, seed=2)
+    data = torch.randint(0, cfg.vocab_size, (6, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    res = lb.empirical_lower_bound(m, 1.0, data=data, data_windows=3, data_steps=20,
+                                   **{**SEARCH, "steps": 10, "jac_steps": 20})
+    found = res["empirical_searches"]
+    assert set(found) == set(lb.SEARCHES)
+    assert res["empirical_found_by"] in found
+    assert res["empirical_lower"] == max(r["lower"] for r in found.values())
+    assert found["data"]["at"]["seq_len"] == cfg.seq_len  # real windows at full context
+    assert all(r["log10"] <= bound(m, cfg) for r in found.values())
+    with pytest.raises(lb.CertificateError, match="unknown search"):
+        lb.empirical_lower_bound(m, 1.0, searches=("nope",))
+
+
+# ---- the MLP sub-block and its skip, bounded together
+
+
+def planted_mlp_model(arch, n_layer=1, beta=0.5):
+    """Attention zero, head I, every MLP zero but layer 0's: fc = alpha [I; 0], proj = -beta [I, 0] with
+    alpha beta = 2 GELU_MAX_SLOPE skip / branch, so the midpoint matrix A = skip I + branch/(2c) W_out W_in
+    is zero. Per coordinate that sub-block is y -> skip (y - 2 gelu(alpha y) / alpha): slope
+    skip (1 - 2 gelu'(alpha y)), largest |slope| skip (2c - 1) at alpha y = +-sqrt 2; gain
+    |1 - 2 Phi(alpha y)| skip, which tends to skip as |y| grows."""
+    cfg = tiny_cfg(arch=arch, n_layer=n_layer)
+    skip, branch = tg.residual_coeffs(cfg)
+    alpha = 2 * tg.GELU_MAX_SLOPE * skip / (branch * beta)
+    m = identity_model(cfg, 0.0)
+    d = cfg.d_model
+    with torch.no_grad():
+        m.blocks[0].mlp.fc[:d].copy_(torch.eye(d) * alpha)
+        m.blocks[0].mlp.proj[:, :d].copy_(-torch.eye(d) * beta)
+    return m, cfg, skip, alpha
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "plain_residual"])
+def test_mlp_with_skip_bound_is_exact_where_the_midpoint_cancels(arch):
+    """The joint bound sigma(A) + branch (c - 1/2)/c |W_out||W_in| equals the true constant of the planted
+    MLP (a point of the domain reaches it), while skip + branch |W_out||W_in| = skip (1 + 2c) is 2.6x above."""
+    m, cfg, skip, alpha = planted_mlp_model(arch)
+    c = tg.GELU_MAX_SLOPE
+    _, branch = tg.residual_coeffs(cfg)
+    a32, b32 = m.blocks[0].mlp.fc[0, 0].item(), -m.blocks[0].mlp.proj[0, 0].item()  # as stored (float32)
+    k = branch * a32 * b32 / c                  # slope skip - k gelu'(alpha y), gelu' in [1 - c, c]
+    slope = (skip - k * (1 - c), skip - k * c)
+    exact = skip * max(map(abs, slope))         # attention sub-block: skip; head: 1
+    assert exact == pytest.approx(skip * skip * (2 * c - 1), rel=1e-6)
+    cert = lb.certify(m.state_dict(), cfg, "tight")
+    assert 10 ** cert["log10_bound"] == pytest.approx(exact, rel=1e-9)
+    y = -SQRT2 if abs(slope[0]) >= abs(slope[1]) else SQRT2  # gelu'(-sqrt 2) = 1 - c, gelu'(sqrt 2) = c
+    X = torch.full((1, 4, cfg.d_model), y / (a32 * skip), dtype=torch.float64)  # MLP input: alpha x = y
+    assert lb.seq_norm(X).item() <= cert["radius"]
+    loc = lb.local_lipschitz(lb._float64_model(m), X, iters=20)
+    assert loc["ratio"].item() == pytest.approx(exact, rel=1e-9)
+    assert 10 ** cert["log10_bound"] < skip * skip * (1 + 2 * c) / 2.5
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "plain_residual"])
+def test_mlp_with_skip_gain_is_exact_where_the_midpoint_cancels(arch):
+    """Activation bound after the planted MLP: sigma(A) + branch/(2c) |W_out||W_in| = skip (gelu(z) = z/2 +
+    r(z) with |r(z)| <= |z|/2); one large coordinate comes within 1e-9 of it (the old gain: 3 skip)."""
+    m, cfg, skip, alpha = planted_mlp_model(arch, n_layer=2)
+    cert = lb.certify(m.state_dict(), cfg, "tight")
+    row = next(r for r in cert["per_block"] if r["block"] == "attn 1")
+    _, branch = tg.residual_coeffs(cfg)
+    k = branch * m.blocks[0].mlp.fc[0, 0].item() * -m.blocks[0].mlp.proj[0, 0].item() / tg.GELU_MAX_SLOPE
+    gain = abs(skip - k / 2) + k / 2  # = sup_y |skip - k Phi(y)| (y -> +inf); skip up to float32 rounding
+    assert gain == pytest.approx(skip, rel=1e-6)
+    expect = cert["radius"] * skip * gain  # attention 0 (zero): skip
+    assert 10 ** row["log10_act_in"] == pytest.approx(expect, rel=1e-9)
+    X = torch.zeros(1, 3, cfg.d_model, dtype=torch.float64)
+    X[0, :, 0] = cert["radius"] * cfg.d_model ** 0.5 * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # one coordinate holds
+    # the whole RMS budget, of either sign (the supremum sits at y -> +inf or -inf, by the rounding of alpha beta)
+    acts = []
+    lb._float64_model(m).logits_from_embeddings(X, *lb.rope_tables64(3, cfg.d_model // cfg.n_head), acts)
+    measured = lb.seq_norm(acts[1]).item()
+    assert expect * (1 - 1e-9) <= measured <= expect * (1 + 1e-12)
+    # the ellipsoid after the MLP is the ball of that radius (A = 0: only the remainder term is left),
+    # and the same point reaches its boundary
+    L1 = ellipsoids_of(m, cfg)[1]
+    sv = torch.linalg.svdvals(L1)
+    assert sv.min().item() == pytest.approx(expect * cfg.d_model ** 0.5, rel=1e-6)
+    assert sv.max().item() == pytest.approx(expect * cfg.d_model ** 0.5, rel=1e-6)
+    ratio = torch.linalg.solve(L1, acts[1][0].T).norm(dim=0).max().item()
+    assert 1 - 1e-6 <= ratio <= 1 + 1e-9
+
+
+# ---- activation sets as ellipsoids
+
+
+def ellipsoids_of(m, cfg):
+    """The factors L_k (E(L_k) holds every position's residual vector after sub-block k), as _bound makes them."""
+    pre = lb.collect_norms(m.state_dict(), cfg, exact_rope=True)
+    L = cfg.d_model ** 0.5 * max(cfg.emb_w_max, pre["emb"]) * torch.eye(cfg.d_model, dtype=torch.float64)
+    out = []
+    for layer in pre["layers"]:
+        L = lb.ellipsoid_attn(layer, cfg, L)
+        out.append(L)
+        L = lb.ellipsoid_mlp(layer, cfg, L)
+        out.append(L)
+    return out
+
+
+def max_ellipsoid_ratio(m, cfg, Ls, T, steps=150, starts=4, seed=0):
+    """Adam ascent of max_k,t |L_k^-1 h_k(X)_t| over X in the domain: above 1 would be a point outside."""
+    m = lb._float64_model(m)
+    inv = [torch.linalg.inv(L) for L in Ls]
+    cos, sin = lb.rope_tables64(T, cfg.d_model // cfg.n_head)
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(starts, T, cfg.d_model, generator=g, dtype=torch.float64).requires_grad_(True)
+    opt = torch.optim.Adam([Z], lr=0.03)
+    best = 0.0
+    for _ in range(steps):
+        x, vals = lb._project(Z, 1.0), []
+        for b in m.blocks:
+            x = b.skip * x + b.branch * b.attn(x, cos, sin)
+            vals.append(x)
+            x = b.skip * x + b.branch * b.mlp(x)
+            vals.append(x)
+        r = torch.stack([(h @ Li.T).norm(dim=-1).amax(-1) for h, Li in zip(vals, inv)])  # (2L, starts)
+        best = max(best, float(r.max()))
+        opt.zero_grad()
+        (-r.amax(0).log().sum()).backward()
+        opt.step()
+    return best
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "plain_residual"])
+def test_ellipsoid_is_exact_for_a_self_attending_head(arch):
+    """One head, W_o W_v = w I, MLP zero, T = 1 (the head attends to itself): the output skip x + branch f w x
+    fills the ball of radius (skip + branch f w) rho, which the weighted Minkowski bound reproduces exactly."""
+    cfg = tiny_cfg(arch=arch)
+    m = identity_model(cfg, 1.5)
+    Ls = ellipsoids_of(m, cfg)
+    skip, branch = tg.residual_coeffs(cfg)
+    radius = cfg.d_model ** 0.5 * (skip + branch * tg.attn_out_factor(cfg) * 1.5 ** 2)
+    sv = torch.linalg.svdvals(Ls[0])
+    assert sv.max().item() == pytest.approx(radius, rel=1e-6) and sv.min().item() == pytest.approx(radius, rel=1e-6)
+    assert 1 - 1e-6 <= max_ellipsoid_ratio(m, cfg, Ls, T=1, steps=60) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("arch,w,H,L", [("lipschitz", 2.0, 4, 2), ("plain_residual", 1.0, 2, 2), ("lipschitz", 4.0, 8, 1)])
+def test_ellipsoids_contain_every_activation(arch, w, H, L):
+    """Adversarial points never leave the propagated ellipsoids (random and trained weights)."""
+    cfg = tiny_cfg(arch=arch, n_head=H, n_layer=L, softmax_scale=8.0)
+    for m in (random_model(cfg, w, seed=H), trained_model(cfg, w, seed=H)[0]):
+        assert max_ellipsoid_ratio(m, cfg, ellipsoids_of(m, cfg), T=6) <= 1.0
+
+
+def test_ellipsoid_softmax_bounds_reduce_to_the_scalar_ones_on_a_ball():
+    """With E(L) the ball of radius rho (layer 0), the ellipsoid softmax options equal the per-head ones of
+    the scalar analysis: sum_h sigma(P_h) c_h, c_h = 2 s n_head a^2 m_h, and the shared query 2 s n_head
+    a^2 sigma(W_q) sigma([sigma_k^h P_h])."""
+    cfg = tiny_cfg(n_layer=1, n_head=4, softmax_scale=8.0)
+    m = random_model(cfg, 1.5, seed=3)
+    pre = lb.collect_norms(m.state_dict(), cfg, exact_rope=True)
+    layer, a = pre["layers"][0], 0.8
+    L = cfg.d_model ** 0.5 * a * torch.eye(cfg.d_model, dtype=torch.float64)
+    soft = lb._attn_soft_ellipsoid(layer, cfg, L, exact_rope=True)
+    c = [2 * cfg.softmax_scale * cfg.n_head * a * a * h["m_qk"] for h in layer["heads"]]
+    assert math.exp(soft["sum_heads"]) == pytest.approx(sum(h["sigma_ov"] * ch for h, ch in zip(layer["heads"], c)), rel=1e-6)
+    shared = 2 * cfg.softmax_scale * cfg.n_head * a * a * layer["sigma"]["q"] * math.exp(
+        lb._log_concat_sigma(layer["heads"], [math.log(h["sigma_k"]) for h in layer["heads"]]))
+    assert math.exp(soft["shared_query"]) == pytest.approx(shared, rel=1e-6)
 
 
 # ---- checkpoints and the command line
@@ -271,10 +487,18 @@ def test_checkpoint_cli_json_and_errors(tmp_path, monkeypatch):
     r = run_cli(good, "--json", "--empirical", "--effort", "0.2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for k in ("mode", "bound", "log10_bound", "per_block", "norms", "empirical_lower", "log10_empirical_lower"):
+    for k in ("mode", "bound", "log10_bound", "per_block", "norms", "empirical_lower", "log10_empirical_lower",
+              "empirical_found_by", "empirical_searches"):
         assert k in out
     assert [row["block"] for row in out["per_block"]] == ["attn 0", "mlp 0", "head"]
     assert out["log10_empirical_lower"] <= out["log10_bound"]
+    assert "data searches skipped" in out["empirical_data"] and "no val shards" in out["empirical_data"]
+    shards = make_shards(str(tmp_path / "data"), vocab=cfg.vocab_size, n_val=600)
+    r = run_cli(good, "--empirical", "--effort", "0.2", "--val_bin", os.path.join(shards, "val_*.bin"))
+    assert r.returncode == 0, r.stderr
+    assert "data_ascent" in r.stdout and "validation windows" in r.stdout and "found by" in r.stdout
+    r = run_cli(good, "--empirical", "--searches", "secant,bogus")
+    assert r.returncode == 2 and "--searches" in r.stderr and "Traceback" not in r.stderr
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
