@@ -44,6 +44,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.shards import TMP_TAG, DataError, atomic_write, check_token_range, read_shard
+
 # -----------------------------------------------------------------------------
 # Architecture constants (shared with lipschitz_bound.py, which imports them)
 
@@ -1106,47 +1108,8 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Data: the speedrun's .bin shards (256 int32 header, then uint16 tokens)
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-
-
-class DataError(ValueError):
-    pass
-
-
-def write_shard(path: str, tokens) -> None:
-    """Write tokens (any int array, values < 2**16) as a shard, atomically."""
-    toks = np.asarray(tokens)
-    if toks.size and (toks.min() < 0 or toks.max() >= 2**16):
-        raise DataError(f"{path}: token ids must be in [0, 65535] for uint16 shards")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, toks.size
-    atomic_write_bytes(path, header.tobytes() + toks.astype(np.uint16).tobytes())
-
-
-def read_shard(path: str) -> np.ndarray:
-    """Memory-map a shard's tokens after checking its header and length."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            raw = fh.read(HEADER_INTS * 4)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e})") from None
-    if len(raw) < HEADER_INTS * 4:
-        raise DataError(f"{path}: truncated shard header ({len(raw)} of {HEADER_INTS * 4} bytes)")
-    header = np.frombuffer(raw, dtype=np.int32)
-    if header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}): not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
-    n = int(header[2])
-    expected = HEADER_INTS * 4 + 2 * n
-    if n < 0 or size != expected:
-        raise DataError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes: truncated or corrupt; re-create it")
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)  # np.memmap refuses empty maps
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+# Data: random training windows and the validation split from the speedrun's .bin shards
+# (the format itself: data/shards.py)
 
 
 def find_shards(pattern: str, what: str) -> list[str]:
@@ -1155,16 +1118,6 @@ def find_shards(pattern: str, what: str) -> list[str]:
         raise DataError(f"no {what} shards match '{pattern}': prepare the data first "
                         f"(python data/shakespeare_char.py, or python data/cached_fineweb10B.py N) or fix --{what}_bin")
     return files
-
-
-def check_token_range(toks, vocab_size: int, where: str) -> None:
-    """Refuse token ids >= vocab_size (an embedding lookup would fail deep inside torch)."""
-    chunk = 1 << 24  # 32 MiB of uint16 at a time: bounded memory on 100M-token shards
-    for lo in range(0, len(toks), chunk):
-        top = int(toks[lo: lo + chunk].max())
-        if top >= vocab_size:
-            raise DataError(f"{where}: token id {top} >= vocab_size {vocab_size}; the data and the config disagree "
-                            "(set vocab_size from the data's meta.json, or re-tokenize)")
 
 
 def check_data_meta(cfg: Config) -> None:
@@ -1192,12 +1145,11 @@ class TrainLoader:
     and micro-step takes its own rows. The generator's state is the loader's resume position."""
 
     def __init__(self, pattern: str, seq_len: int, vocab_size: int, seed: int):
-        self.files = find_shards(pattern, "train")
-        self.shards = [read_shard(f) for f in self.files]
-        for f, s in zip(self.files, self.shards):  # a whole-shard check (~0.1 s per 100M tokens): fail now, not at step 10k
-            if len(s):
-                check_token_range(s, vocab_size, f)
-        self.T, self.vocab = seq_len, vocab_size
+        files = find_shards(pattern, "train")
+        self.shards = [read_shard(f) for f in files]
+        for f, s in zip(files, self.shards):  # a whole-shard check (~0.1 s per 100M tokens): fail now, not at step 10k
+            check_token_range(s, vocab_size, f)
+        self.seq_len = seq_len
         starts = [max(len(s) - seq_len, 0) for s in self.shards]
         if sum(starts) == 0:
             raise DataError(f"train shards '{pattern}' hold fewer than seq_len + 1 = {seq_len + 1} tokens")
@@ -1214,7 +1166,7 @@ class TrainLoader:
         out = []
         for a in range(accum):
             lo = (a * world + rank) * rows
-            batch = [torch.from_numpy(self.shards[i][o: o + self.T + 1].astype(np.int64))
+            batch = [torch.from_numpy(self.shards[i][o: o + self.seq_len + 1].astype(np.int64))
                      for i, o in zip(shard[lo: lo + rows].tolist(), offset[lo: lo + rows].tolist())]
             b = torch.stack(batch)
             b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
@@ -1233,8 +1185,7 @@ def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) 
     chunks, have = [], 0
     for f in find_shards(pattern, "val"):
         t = torch.from_numpy(read_shard(f)[: n_tokens + 1 - have].astype(np.int64))
-        if t.numel():
-            check_token_range(t, vocab_size, f)
+        check_token_range(t, vocab_size, f)
         chunks.append(t)
         have += t.numel()
         if have >= n_tokens + 1:
@@ -1261,42 +1212,19 @@ def load_val_slice(cfg: Config) -> torch.Tensor:
 # Files: atomic writes, checkpoints (weights_only loadable), logs
 
 
-TMP_TAG = ".tmp."  # <path>.tmp.<pid>: a write in progress (or left by a killed process)
-
-
 def _atomic_write(path: str, write) -> None:
-    """write(fh) into <path>.tmp.<pid>, fsync, rename over path, fsync the directory. A kill at
-    any moment leaves either the old file or the new one; a failed write (disk full) removes
-    the temporary file and names the path."""
-    tmp = f"{path}{TMP_TAG}{os.getpid()}"
+    """data/shards.py's atomic write (old file or new, never a partial one); a failure names the path."""
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise CheckpointError(f"{path}: write failed ({e}); the previous file, if any, is untouched") from None
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     _atomic_write(path, lambda fh: fh.write(data))
 
 
-def _fsync_dir(d: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save with the atomic write above."""
     _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 

@@ -8,7 +8,7 @@ data/fineweb10B/, named fineweb_val_000000.bin and fineweb_train_000001.bin ...:
 train_gpt.py's default train_bin / val_bin globs match. Each shard holds 100M tokens (the last one
 fewer) in the repo's shard format (256 int32 header, uint16 tokens), about 200 MB.
 
-Re-running is cheap: a file whose header and size already agree (train_gpt.read_shard) is skipped,
+Re-running is cheap: a file whose header and size already agree (shards.read_shard) is skipped,
 and an interrupted download resumes where it stopped (huggingface_hub keeps the partial file under
 <out_dir>/.cache/huggingface/). huggingface_hub draws a progress bar per file.
 
@@ -23,8 +23,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt import DataError, read_shard  # noqa: E402  (one shard format for the whole repo)
+from shards import DataError, read_shard
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # the speedrun's dataset repo (modded-nanogpt data/cached_fineweb10B.py)
 REPO_TYPE = "dataset"

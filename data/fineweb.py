@@ -9,7 +9,7 @@ Every document starts with GPT-2's <|endoftext|> token (id 50256), so documents 
 A .txt file is one document; a .jsonl file holds one document per line in its "text" field; a
 directory is searched recursively for both, in sorted order. The first --val_tokens tokens go to
 <prefix>_val_000000.bin ..., the rest to <prefix>_train_000001.bin ..., each at most --shard_tokens
-tokens (the speedrun's shards hold 10^8), written with train_gpt.write_shard. Train on them with
+tokens (the speedrun's shards hold 10^8), written with shards.write_shard. Train on them with
     python train_gpt.py --train_bin 'OUT/<prefix>_train_*.bin' --val_bin 'OUT/<prefix>_val_*.bin'
 (vocab_size 50304 = 50257 padded to a multiple of 128, train_gpt's default).
 
@@ -27,8 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt import write_shard  # noqa: E402  (one shard format for the whole repo)
+from shards import write_shard
 
 EOT = 50256                 # GPT-2's <|endoftext|>
 GPT2_VOCAB = 50257          # ids 0..50256; train_gpt pads the embedding to 50304

@@ -97,15 +97,15 @@ if [ ! -f data/shakespeare_char/train_000000.bin ] || [ ! -f data/shakespeare_ch
 import os, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
-import train_gpt as T
+from data.shards import write_shard
 root = sys.argv[1]
 os.makedirs(root, exist_ok=True)
 rng = np.random.default_rng(0)
 def seq(n):  # a repeating ramp over 65 symbols with 20% noise: learnable in a few steps
     base = np.arange(n) % 65
     return np.where(rng.random(n) < 0.2, rng.integers(0, 65, n), base)
-T.write_shard(os.path.join(root, "train_000000.bin"), seq(200_000))
-T.write_shard(os.path.join(root, "val_000000.bin"), seq(20_000))
+write_shard(os.path.join(root, "train_000000.bin"), seq(200_000))
+write_shard(os.path.join(root, "val_000000.bin"), seq(20_000))
 EOF
     DATA_ARGS=(--train_bin "$LM/data/train_*.bin" --val_bin "$LM/data/val_*.bin")
 fi

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-import train_gpt  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +48,8 @@ def make_shards(root, vocab=64, n_train=20000, n_val=4000, seed=0, n_train_shard
         return np.where(rng.random(n) < 0.2, noise, base)
 
     for i in range(n_train_shards):
-        train_gpt.write_shard(os.path.join(root, f"train_{i:06d}.bin"), seq(n_train))
-    train_gpt.write_shard(os.path.join(root, "val_000000.bin"), seq(n_val))
+        write_shard(os.path.join(root, f"train_{i:06d}.bin"), seq(n_train))
+    write_shard(os.path.join(root, "val_000000.bin"), seq(n_val))
     return root
 
 

@@ -22,9 +22,10 @@ import torch
 
 import train_gpt
 from conftest import make_shards, tiny_args
+from data import shards
 from proc_helpers import start
 
-TMP = train_gpt.TMP_TAG
+TMP = shards.TMP_TAG
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -364,8 +365,8 @@ def test_resume_refuses_a_changed_architecture(change, msg, data, reference, tmp
     assert rc == 2 and "the config changes the model" in line and msg in line
 
 
-def shard_bytes(tokens, magic=train_gpt.SHARD_MAGIC, version=train_gpt.SHARD_VERSION, n=None):
-    header = np.zeros(train_gpt.HEADER_INTS, dtype=np.int32)
+def shard_bytes(tokens, magic=shards.SHARD_MAGIC, version=shards.SHARD_VERSION, n=None):
+    header = np.zeros(shards.HEADER_INTS, dtype=np.int32)
     header[:3] = magic, version, len(tokens) if n is None else n
     return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
 
@@ -477,8 +478,8 @@ def test_fuzz_random_bytes(reference, data, tmp_path, capsys):
     def check(kind, path):
         try:
             if kind == "shard":
-                toks = train_gpt.read_shard(path)
-                train_gpt.check_token_range(toks, 64, path)
+                toks = shards.read_shard(path)
+                shards.check_token_range(toks, 64, path)
                 assert len(toks) == (os.path.getsize(path) - 1024) // 2
             elif kind == "ckpt":
                 ck = train_gpt.load_checkpoint(path)

@@ -27,6 +27,7 @@ import plot_frontier  # noqa: E402
 import results_table  # noqa: E402
 import sample  # noqa: E402
 import train_gpt  # noqa: E402
+from data import shards  # noqa: E402
 
 TIKTOKEN_CACHE = os.path.join(REPO, "..", "shared", "data", "tiktoken_cache")
 PAPER_CONFIGS = os.path.join(REPO, "configs", "paper")
@@ -61,13 +62,13 @@ def test_fineweb_tokenizes_documents_into_val_then_train_shards(tmp_path, gpt2):
     train = sorted(out.glob("fineweb_train_*.bin"))
     assert [p.name for p in val] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
     assert train[0].name == "fineweb_train_000002.bin"
-    sizes = [len(train_gpt.read_shard(str(p))) for p in val + train]
+    sizes = [len(shards.read_shard(str(p))) for p in val + train]
     assert sizes[:2] == [500, 200] and all(s == 500 for s in sizes[2:-1]) and 0 < sizes[-1] <= 500
     # reference: tiktoken on each document, each preceded by <|endoftext|>, in sorted file order
     ref = []
     for d in docs:
         ref += [fineweb.EOT] + gpt2.encode_ordinary(d)
-    got = np.concatenate([train_gpt.read_shard(str(p)) for p in val + train]).astype(np.int64)
+    got = np.concatenate([shards.read_shard(str(p)) for p in val + train]).astype(np.int64)
     assert got.tolist() == ref
     assert json.loads((out / "meta.json").read_text())["tokenizer"] == "gpt2"
 
@@ -146,7 +147,7 @@ def hub(tmp_path):
     src.mkdir()
     rng = np.random.default_rng(0)
     for name in cached_fineweb10B.shard_names(2):
-        train_gpt.write_shard(str(src / name), rng.integers(0, 50257, 3000))
+        shards.write_shard(str(src / name), rng.integers(0, 50257, 3000))
     h = LocalHub(str(src), cached_fineweb10B.REPO_ID)
     h.src = src
     yield h

@@ -12,6 +12,7 @@ import torch
 
 import train_gpt as tg
 from conftest import REPO, tiny_args
+from data import shards
 
 
 def small_cfg(**over):
@@ -70,8 +71,8 @@ def test_batch_that_does_not_divide_names_the_numbers():
 def test_shard_round_trip(tmp_path):
     toks = torch.randint(0, 65535, (12345,)).numpy()
     p = str(tmp_path / "s.bin")
-    tg.write_shard(p, toks)
-    back = tg.read_shard(p)
+    shards.write_shard(p, toks)
+    back = shards.read_shard(p)
     assert back.dtype.name == "uint16" and (back == toks).all()
     with open(p, "rb") as fh:
         header = torch.frombuffer(bytearray(fh.read(1024)), dtype=torch.int32)
@@ -82,8 +83,8 @@ def test_shakespeare_shards_match_the_exact_file(shakespeare_dir):
     import json
     meta = json.load(open(os.path.join(shakespeare_dir, "meta.json")))
     assert meta["vocab_size"] == 65 and meta["sha256"].startswith("86c4e6aa")
-    n_train = len(tg.read_shard(os.path.join(shakespeare_dir, "train_000000.bin")))
-    n_val = len(tg.read_shard(os.path.join(shakespeare_dir, "val_000000.bin")))
+    n_train = len(shards.read_shard(os.path.join(shakespeare_dir, "train_000000.bin")))
+    n_val = len(shards.read_shard(os.path.join(shakespeare_dir, "val_000000.bin")))
     assert n_train + n_val == 1115394 and n_train == int(0.9 * 1115394)
 
 
