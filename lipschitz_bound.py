@@ -539,7 +539,7 @@ def fmt(log10: float) -> str:
 
 def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False, rope: str = "auto",
             effort: float = 1.0, seed: int = 0, data: torch.Tensor | None = None, searches=SEARCHES,
-            progress: bool = False, activation: str = "auto") -> dict:
+            progress: bool = False, activation: str = "auto", jac_lengths=(16, 64)) -> dict:
     """Certificate of a model given as weights + config (a Config or its asdict).
 
     mode: paper | paper_code | tight | all. rope: exact (maximize m_h over RoPE offsets), bound (use
@@ -583,7 +583,7 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
     if empirical:
         model = GPT(cfg)
         model.load_state_dict(state_dict)
-        emp = empirical_lower_bound(model, r0, effort=effort, seed=seed, data=data, progress=progress,
+        emp = empirical_lower_bound(model, r0, effort=effort, seed=seed, data=data, progress=progress, jac_lengths=jac_lengths,
                                     searches=[s for s in searches if data is not None or not s.startswith("data")])
         out.update(emp)
         for res in ([out] + list(results.values()) if mode == "all" else [out]):
@@ -602,7 +602,7 @@ def validation_windows(cfg, val_bin: str | None = None, max_windows: int = DATA_
 
 def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, rope: str = "auto",
                        effort: float = 1.0, seed: int = 0, val_bin: str | None = None, searches=SEARCHES,
-                       progress: bool = False, activation: str = "auto") -> dict:
+                       progress: bool = False, activation: str = "auto", jac_lengths=(16, 64)) -> dict:
     """Certificate of a checkpoint file (loaded with weights_only=True via train_gpt.load_checkpoint).
 
     With empirical=True the data searches read validation windows from val_bin (default: the
@@ -622,7 +622,8 @@ def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, ro
             note = f"data searches skipped: {e}"
     try:
         out = certify(ck["model"], cfg, mode=mode, empirical=empirical, rope=rope, effort=effort, seed=seed,
-                      data=data, searches=searches, progress=progress, activation=activation)
+                      data=data, searches=searches, progress=progress, activation=activation,
+                      jac_lengths=jac_lengths)
     except CertificateError as e:
         raise CertificateError(f"{path}: {e}") from None
     if note:
@@ -939,6 +940,7 @@ def main(argv=None) -> int:
                    "minutes: a progress bar on stderr)")
     p.add_argument("--effort", type=float, default=1.0, help="multiplies the search's starts, windows and steps")
     p.add_argument("--searches", default=",".join(SEARCHES), help=f"comma-separated subset of {','.join(SEARCHES)}")
+    p.add_argument("--jac_lengths", default="16,64", help="sequence lengths of the jacobian search (comma-separated)")
     p.add_argument("--val_bin", default=None, help="validation shards for the data searches (default: the "
                    "checkpoint's val_bin, relative to the working directory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -955,13 +957,20 @@ def main(argv=None) -> int:
     if bad or not searches:
         print(f"error: --searches {a.searches!r}: each must be one of {', '.join(SEARCHES)}", file=sys.stderr)
         return 2
+    try:
+        jac_lengths = tuple(int(x) for x in a.jac_lengths.split(",") if x)
+    except ValueError:
+        jac_lengths = ()
+    if not jac_lengths or min(jac_lengths) < 1:
+        print(f"error: --jac_lengths {a.jac_lengths!r}: give positive integers separated by commas, e.g. 16,64", file=sys.stderr)
+        return 2
     if a.effort <= 0:
         print(f"error: --effort {a.effort} must be > 0 (it multiplies the search's starts and steps)", file=sys.stderr)
         return 2
     try:
         cert = certify_checkpoint(a.checkpoint, a.mode, a.empirical, a.rope, a.effort, a.seed, val_bin=a.val_bin,
                                   searches=searches, progress=a.empirical and not a.no_progress,
-                                  activation=a.activation)
+                                  activation=a.activation, jac_lengths=jac_lengths)
     except (CheckpointError, CertificateError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

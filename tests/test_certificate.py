@@ -499,6 +499,8 @@ def test_checkpoint_cli_json_and_errors(tmp_path, monkeypatch):
     assert "data_ascent" in r.stdout and "validation windows" in r.stdout and "found by" in r.stdout
     r = run_cli(good, "--empirical", "--searches", "secant,bogus")
     assert r.returncode == 2 and "--searches" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(good, "--empirical", "--jac_lengths", "0,x")
+    assert r.returncode == 2 and "--jac_lengths" in r.stderr and "Traceback" not in r.stderr
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
