@@ -296,6 +296,7 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 # Polar Express (Amsel et al. 2025, arXiv 2505.16932) degree-5 coefficients for l = 1e-3 and
 # cushion 0.02407; rows 1-7 are then divided as p(x / 1.01) for rounding safety, the 8th row is the
 # classic convergent tail repeated for any further step. Any prefix is the optimal T-step map.
+PE_TAIL = (1.875, -1.25, 0.375)  # (15 x - 10 x^3 + 3 x^5) / 8: p(1) = 1, p'(1) = p''(1) = 0
 _PE_RAW = [
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
@@ -306,7 +307,7 @@ _PE_RAW = [
     (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
 ]
 PE_SAFETY = 1.01
-POLAR_EXPRESS = [(a / PE_SAFETY, b / PE_SAFETY**3, c / PE_SAFETY**5) for a, b, c in _PE_RAW] + [(1.875, -1.25, 0.375)]
+POLAR_EXPRESS = [(a / PE_SAFETY, b / PE_SAFETY**3, c / PE_SAFETY**5) for a, b, c in _PE_RAW] + [PE_TAIL]
 MSIGN_EXACT_STEPS = 12  # fp32 msign for the hard cap / Stiefel: converged for normalized sigma >= 1e-4
 BF16_NS_MARGIN = 0.02   # measured bf16 noise on NS outputs is ~0.6% (bf16 matrix tests, Polar Express
                         # at 8+ steps: sigma in [0.994, 1.006]); the worst bf16 output measured in tests/test_constraints.py
@@ -317,16 +318,23 @@ def ns_coefficients(steps: int) -> list[tuple[float, float, float]]:
     return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
 
 
+def quintic_composite(x: np.ndarray, coeffs) -> tuple[np.ndarray, np.ndarray]:
+    """The composite of the odd quintics a x + b x^3 + c x^5 of `coeffs` at x (float64) and its
+    derivative: what quintic_steps does to each singular value, in exact arithmetic."""
+    y, dy = x.copy(), np.ones_like(x)
+    for a, b, c in coeffs:
+        dy = dy * (a + 3 * b * y**2 + 5 * c * y**4)
+        y = a * y + b * y**3 + c * y**5
+    return y, dy
+
+
 def ns_max_stretch(steps: int) -> float:
     """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
 
     Derived, not copied: the composite odd polynomial evaluated in float64 on a grid of spacing
     1e-6, plus the grid's worst-case miss (spacing x the composite's largest slope)."""
     x = np.linspace(0.0, 1.0, 1_000_001)
-    y, dy = x.copy(), np.ones_like(x)
-    for a, b, c in ns_coefficients(steps):
-        dy = dy * (a + 3 * b * y**2 + 5 * c * y**4)
-        y = a * y + b * y**3 + c * y**5
+    y, dy = quintic_composite(x, ns_coefficients(steps))
     return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
 
 
@@ -338,22 +346,33 @@ def _mm_add(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alph
     return torch.baddbmm(flat(C), flat(A), flat(B), beta=beta, alpha=alpha).reshape(C.shape)
 
 
+def quintic_steps(X: torch.Tensor, coeffs, symmetric: bool = False) -> torch.Tensor:
+    """X <- a X + (b A + c A^2) X for each (a, b, c) of coeffs, with A = X X^T (A = X X for a
+    symmetric X): the odd quintic a x + b x^3 + c x^5 applied to every singular value."""
+    for a, b, c in coeffs:
+        A = X @ X if symmetric else X @ X.mT
+        X = _mm_add(X, _mm_add(A, A, A, b, c), X, a, 1.0)
+    return X
+
+
+def _wide(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(M, False) when M (..., m, n) has m <= n, else (M^T, True): the orientation whose Gram
+    matrix X X^T is the smaller one."""
+    return (M, False) if M.size(-2) <= M.size(-1) else (M.mT, True)
+
+
 def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
 
     Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
     by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero."""
-    transpose = G.size(-2) > G.size(-1)
-    X = G.mT if transpose else G
+    X, tall = _wide(G)
     X = X.float()
     top = X.abs().amax(dim=(-2, -1), keepdim=True)  # pre-scale so the Frobenius norm cannot underflow
     X = X / torch.where(top > 0, top, torch.ones_like(top))
     X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
-    for a, b, c in ns_coefficients(steps):
-        A = X @ X.mT
-        X = _mm_add(X, _mm_add(A, A, A, b, c), X, a, 1.0)  # a X + (b A + c A^2) X
-    X = X.float()
-    return X.mT if transpose else X
+    X = quintic_steps(X, ns_coefficients(steps)).float()
+    return X.mT if tall else X
 
 
 POWER_KRYLOV_DIM = 8  # Rayleigh-Ritz space of power_iteration: its last 7 products with M^T M, plus the start
@@ -392,9 +411,8 @@ def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
 def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
     """sigma_max of each matrix in W (..., m, n) from the float64 Gram matrix on the smaller side
     (eigvalsh); relative error ~1e-13, used for logging and by the certificate."""
-    W = W.detach().double()
-    G = W @ W.mT if W.size(-2) <= W.size(-1) else W.mT @ W
-    return torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).sqrt()
+    X, _ = _wide(W.detach().double())
+    return torch.linalg.eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
 
 
 def rms_scale(W: torch.Tensor) -> float:
@@ -402,13 +420,13 @@ def rms_scale(W: torch.Tensor) -> float:
     return math.sqrt(W.size(-2) / W.size(-1))
 
 
-def soft_cap_alpha(w_max: float, max_update_norm: float, decay: float = 0.0) -> float:
+def soft_cap_alpha(w_max: float, max_update_norm: float) -> float:
     """Strength of the spectral soft cap that keeps sigma <= w_max after a step (Theorem 3.1).
 
-    With k = w_max (1 - decay) + max_update_norm the largest reachable singular value, alpha is the
+    With k = w_max + max_update_norm the largest reachable singular value, alpha is the
     smallest root >= 0 of f(k) = w_max for f(x) = x - 3a^2 x^5 + 3a^3 x^7 - a^4 x^9, i.e. of
     -k^9 a^4 + 3k^7 a^3 - 3k^5 a^2 + (k - w_max) = 0."""
-    k = w_max * (1.0 - decay) + max_update_norm
+    k = w_max + max_update_norm
     if k <= w_max:
         return 0.0
     roots = np.roots([-k**9, 3 * k**7, -3 * k**5, 0.0, k - w_max])
@@ -441,10 +459,10 @@ class ProjArgs:
 def _gram_apply(M: torch.Tensor, a: float, b) -> torch.Tensor:
     """a M + b M M^T M, with the Gram matrix formed on the smaller side; b is a float (one fused
     GEMM) or a tensor broadcasting over the stack (one b per matrix)."""
-    wide = M.size(-2) <= M.size(-1)
+    _, tall = _wide(M)
     if torch.is_tensor(b):
-        return a * M + b * ((M @ M.mT) @ M if wide else M @ (M.mT @ M))
-    return _mm_add(M, M @ M.mT, M, a, b) if wide else _mm_add(M, M, M.mT @ M, a, b)
+        return a * M + b * (M @ (M.mT @ M) if tall else (M @ M.mT) @ M)
+    return _mm_add(M, M, M.mT @ M, a, b) if tall else _mm_add(M, M @ M.mT, M, a, b)
 
 
 def _rank1(p: ProjArgs) -> torch.Tensor:
@@ -497,7 +515,6 @@ def c_soft_cap(M, p):
 # singular values), and the only m x n products are G and the final C^{-1/2} X.
 HARD_CAP_TOL = 1e-3        # relative accuracy the step counts below are derived for
 HARD_CAP_PASS_RANGE = 2.0  # one pass handles sigma_max <= 2 cap; larger inputs get a cascade
-_QUINTIC_TAIL = (1.875, -1.25, 0.375)  # convergent quintic for the inverse square root
 _STEPS_CACHE: dict[float, int] = {}
 
 
@@ -506,15 +523,10 @@ def _sign_steps(norm_bound: float) -> int:
     at b moves the output singular value by ~ e |b| / 4, so require e(x) x <= TOL / norm_bound."""
     if norm_bound not in _STEPS_CACHE:
         x = np.logspace(-12, 0, 4000) / PE_SAFETY
-        for steps in range(1, 40):
-            y = x.copy()
-            for a, b, c in ns_coefficients(steps):
-                y = a * y + b * y**3 + c * y**5
-            if (np.abs(1 - y) * x).max() <= HARD_CAP_TOL / norm_bound:
-                _STEPS_CACHE[norm_bound] = steps
-                break
-        else:
-            raise AssertionError("unreachable: 40 Polar Express steps resolve any fp32 spectrum")
+        steps = 1
+        while (np.abs(1 - quintic_composite(x, ns_coefficients(steps))[0]) * x).max() > HARD_CAP_TOL / norm_bound:
+            steps += 1
+        _STEPS_CACHE[norm_bound] = steps
     return _STEPS_CACHE[norm_bound]
 
 
@@ -522,7 +534,7 @@ def _inv_sqrt_steps(s_min: float) -> int:
     """Quintic steps taking every normalized singular value in [s_min, 1] to 1 within 1e-7."""
     s, steps = s_min, 0
     while s > 0 and 1 - s > 1e-7:
-        s, steps = s * (_QUINTIC_TAIL[0] + _QUINTIC_TAIL[1] * s**2 + _QUINTIC_TAIL[2] * s**4), steps + 1
+        s, steps = s * (PE_TAIL[0] + PE_TAIL[1] * s**2 + PE_TAIL[2] * s**4), steps + 1
     return steps
 
 
@@ -538,9 +550,7 @@ def _gram_upper_bound(G: torch.Tensor) -> torch.Tensor:
 
 def _sym_sign(B: torch.Tensor, steps: int) -> torch.Tensor:
     """sign(B) of symmetric B (..., m, m) with spectral norm <= 1 (Polar Express steps)."""
-    for a, b, c in ns_coefficients(steps):
-        A = B @ B
-        B = _mm_add(B, _mm_add(A, A, A, b, c), B, a, 1.0)  # a B + (b A + c A^2) B
+    B = quintic_steps(B, ns_coefficients(steps), symmetric=True)
     return 0.5 * (B + B.mT)
 
 
@@ -555,7 +565,7 @@ def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tens
     C = 0.5 * (C + C.mT)
     nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
     A, Q = C / nu, None
-    a, b, c = _QUINTIC_TAIL
+    a, b, c = PE_TAIL
     steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)
     for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
         P = _mm_add(b * A + a * eye, A, A, 1.0, c)
@@ -572,8 +582,7 @@ def c_hard_cap(M, p):
     sigma_max > HARD_CAP_PASS_RANGE w_max (bounded by the Schatten-16 norm, one host sync) are
     first clipped at geometrically decreasing caps; clipping at c >= w_max and then at w_max
     equals clipping at w_max, so the cascade is exact and each pass sees a bounded range."""
-    wide = M.size(-2) <= M.size(-1)
-    X = (M if wide else M.mT).float()
+    X, tall = _wide(M.float())
     w = float(p.w_max)
     G = X @ X.mT
     ub = _gram_upper_bound(G).sqrt() * (1 + 1e-3) / w   # sigma_max / w_max, with fp32 slack
@@ -584,7 +593,7 @@ def c_hard_cap(M, p):
         caps = torch.clamp(ub / R**k, min=1.0) if k < passes else torch.ones_like(ub)
         rho = min(top, R * (1 + 2 * HARD_CAP_TOL)) if passes > 1 else top
         X = _hard_cap_pass(X, caps * w, max(rho, 1.0), G if k == 1 else X @ X.mT)
-    return X if wide else X.mT
+    return X.mT if tall else X
 
 
 # The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
@@ -604,15 +613,9 @@ def c_hard_cap_poly(M, p):
     if ratio > HARD_CAP_POLY_MAX_INPUT:
         raise ValueError(f"hard_cap_poly is only valid for sigma_max <= {HARD_CAP_POLY_MAX_INPUT} w_max, got ~{ratio:.3g} w_max; "
                          "use constraint hard_cap (exact) instead")
-    X = M.float() / p.w_max
-    for a, b, c in HARD_CAP_POLY:
-        if X.size(-2) <= X.size(-1):
-            A = X @ X.mT
-            X = a * X + (b * A + c * (A @ A)) @ X
-        else:
-            A = X.mT @ X
-            X = a * X + X @ (b * A + c * (A @ A))
-    return X * p.w_max
+    X, tall = _wide(M.float() / p.w_max)
+    X = quintic_steps(X, HARD_CAP_POLY)
+    return (X.mT if tall else X) * p.w_max
 
 
 def c_stiefel(M, p):
