@@ -686,6 +686,28 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def any_rank(flag: bool, device) -> bool:
+    """Collective: whether flag is true on any rank (the flag itself without a process group)."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_owned(params: list, mine: list, shape: tuple, dtype: torch.dtype) -> list:
+    """Collective: entry i (of `shape`) of params[i], whose owner is rank i % world; each rank passes
+    the entries of params[rank::world] in order as mine, and every rank gets all of them."""
+    _, world = dist_info()
+    K, device = -(-len(params) // world), params[0].device
+    buf = torch.zeros((K,) + shape, device=device, dtype=dtype)
+    if mine:
+        buf[: len(mine)] = torch.stack(mine)
+    out = torch.empty((world * K,) + shape, device=device, dtype=dtype)
+    dist.all_gather_into_tensor(out, buf)
+    return [out[(i % world) * K + i // world] for i in range(len(params))]
+
+
 class MatrixOptimizer(torch.optim.Optimizer):
     """Muon (Nesterov or EMA momentum, Polar-Express orthogonalization, update of RMS->RMS norm lr)
     or AdamW for 2-D (and stacked 3-D) weights, followed by the weight constraint of each group.
@@ -740,37 +762,29 @@ class MatrixOptimizer(torch.optim.Optimizer):
         pid = 0
         for group in self.param_groups:
             for shape, params in self._stacks(group):
-                mine = params[rank::world]
+                mine, new_w, new_v = params[rank::world], [], []
                 if mine:
                     new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
                 if world > 1:
-                    self._all_gather(group, params, new_w if mine else None, new_v if mine else None, rank, world)
-                else:
-                    torch._foreach_copy_(params, new_w)
-                    if new_v is not None:
-                        for p, v in zip(params, new_v):
-                            self.state[p]["v"] = v
+                    new_w = gather_owned(params, new_w, shape, params[0].dtype)
+                    if group["constraint"] in NEEDS_POWER_ITERATION:
+                        new_v = [v.clone() for v in gather_owned(params, new_v, *self._entry_layout("v", params[0]))]
+                torch._foreach_copy_(params, new_w)
+                if new_v:
+                    for p, v in zip(params, new_v):
+                        self.state[p]["v"] = v
                 pid += len(params)
 
-    def _all_gather(self, group, params, new_w, new_v, rank, world):
-        K = -(-len(params) // world)
-        ref = params[0]
-        buf = torch.zeros((K,) + tuple(ref.shape), device=ref.device, dtype=ref.dtype)
-        if new_w is not None:
-            buf[: len(new_w)] = torch.stack(new_w)
-        out = torch.empty((world * K,) + tuple(ref.shape), device=ref.device, dtype=ref.dtype)
-        dist.all_gather_into_tensor(out, buf)
-        for i, p in enumerate(params):
-            p.copy_(out[(i % world) * K + i // world])
-        if group["constraint"] in NEEDS_POWER_ITERATION:
-            vshape = tuple(ref.shape[:-2]) + (ref.size(-1),)
-            vbuf = torch.zeros((K,) + vshape, device=ref.device)
-            if new_v is not None:
-                vbuf[: len(new_v)] = torch.stack(new_v)
-            vout = torch.empty((world * K,) + vshape, device=ref.device)
-            dist.all_gather_into_tensor(vout, vbuf)
-            for i, p in enumerate(params):
-                self.state[p]["v"] = vout[(i % world) * K + i // world].clone()
+    @staticmethod
+    def _entry_layout(key: str, p) -> tuple:
+        """(shape, dtype) of state entry `key` of parameter p: Adam's step count, the power-iteration
+        vectors (one per matrix of p) or a tensor shaped like p."""
+        layouts = {"t": ((), torch.int64), "v": (tuple(p.shape[:-2]) + (p.size(-1),), torch.float32)}
+        return layouts.get(key, (tuple(p.shape), torch.float32))
+
+    def _state_keys(self, group) -> tuple:
+        keys = ("momentum_buffer",) if self.kind == "muon" else ("exp_avg", "exp_avg_sq", "t")
+        return keys + (("v",) if group["constraint"] in NEEDS_POWER_ITERATION else ())
 
     def _update(self, params, group, ids):
         lr = self._lr(params, group["lr"])
@@ -806,9 +820,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _stacked_state(states, key, like):
-        """One stacked tensor of a state entry (zeros where missing) whose rows stay the per-param
+        """One stacked tensor of a state entry (zeros where missing) whose rows are the per-param
         entries (views): reused as is on the next step unless an entry was replaced (a loaded
-        checkpoint), so the per-step stack-and-split copies are gone."""
+        checkpoint), so a step neither stacks the state nor splits it back."""
         bufs = [s.get(key) for s in states]
         base = bufs[0]._base if bufs[0] is not None else None
         if base is not None and base.shape == like.shape and all(
@@ -822,7 +836,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _project(self, W, params, states, group, ids, lr):
         name, w_max = group["constraint"], group["w_max"]
         if group.get("rows"):
-            return list(project_rows(W, w_max)), None
+            return list(project_rows(W, w_max)), []
         scale = rms_scale(W)
         M = W / scale
         v0, iters = None, 0
@@ -832,48 +846,29 @@ class MatrixOptimizer(torch.optim.Optimizer):
             iters = 32 if cold else self.power_iters
         # soft cap: Muon only (validate_config), coupled to this step's update norm
         args = constraint_args(name, M, w_max, lr, self.wd, v0, iters, self.max_update_norm(lr, scale))
-        new_v = None if args.v is None else list(args.v)
+        new_v = [] if args.v is None else list(args.v)
         M = CONSTRAINTS[name](M.float(), args)
         return list((M * scale).to(W.dtype)), new_v
 
     def full_state_dict(self) -> dict:
-        """Optimizer state of every matrix, collected from its owner rank (collective call)."""
+        """Optimizer state of every matrix, gathered from its owner rank (collective call)."""
         rank, world = dist_info()
         out = {}
-        pid = 0
         for group in self.param_groups:
             for shape, params in self._stacks(group):
-                for i, p in enumerate(params):
-                    owner = i % world
-                    st = self.state.get(p, {})
-                    names = sorted(k for k in ("momentum_buffer", "exp_avg", "exp_avg_sq", "v") if k in st or world > 1)
-                    entry = {}
-                    for k in names:
-                        if k == "v" and group["constraint"] not in NEEDS_POWER_ITERATION:
+                entries = [{} for _ in params]
+                for key in self._state_keys(group):
+                    mine = [self.state.get(p, {}).get(key) for p in params[rank::world]]
+                    if world > 1:  # every owner has the key (a stack steps together) or none has: before step 1
+                        if any_rank(any(t is None for t in mine), params[0].device):
                             continue
-                        if k == "momentum_buffer" and self.kind != "muon":
-                            continue
-                        if k in ("exp_avg", "exp_avg_sq") and self.kind != "adamw":
-                            continue
-                        t = st.get(k)
-                        if world > 1:
-                            have = torch.tensor([t is not None and rank == owner], device=p.device, dtype=torch.int32)
-                            dist.broadcast(have, src=owner)
-                            if not have.item():
-                                continue
-                            shp = p.shape if k != "v" else tuple(p.shape[:-2]) + (p.size(-1),)
-                            t = t if rank == owner else torch.empty(shp, device=p.device)
-                            dist.broadcast(t, src=owner)
+                        mine = gather_owned(params, [torch.as_tensor(t, device=params[0].device) for t in mine],
+                                            *self._entry_layout(key, params[0]))
+                    for e, t in zip(entries, mine):
                         if t is not None:
-                            entry[k] = t.detach().cpu().clone()
-                    if self.kind == "adamw":  # Adam's step count lives on the owner too
-                        t = torch.tensor([st.get("t", 0)], device=p.device)
-                        if world > 1:
-                            dist.broadcast(t, src=owner)
-                        if int(t):
-                            entry["t"] = int(t)
-                    out[str(pid)] = entry
-                    pid += 1
+                            e[key] = int(t) if key == "t" else t.detach().cpu().clone()
+                for e in entries:
+                    out[str(len(out))] = e
         return {"state": out, "lrs": [g["lr"] for g in self.param_groups]}
 
     def load_full_state_dict(self, sd: dict) -> None:
