@@ -407,7 +407,7 @@ def max_ellipsoid_ratio(m, cfg, Ls, T, steps=150, starts=4, seed=0):
             x = b.skip * x + b.branch * b.mlp(x)
             vals.append(x)
         r = torch.stack([(h @ Li.T).norm(dim=-1).amax(-1) for h, Li in zip(vals, inv)])  # (2L, starts)
-        best = max(best, float(r.max()))
+        best = max(best, float(r.detach().max()))
         opt.zero_grad()
         (-r.amax(0).log().sum()).backward()
         opt.step()
