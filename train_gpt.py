@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -75,6 +76,13 @@ def residual_coeffs(cfg) -> tuple[float, float]:
 def attn_out_factor(cfg) -> float:
     """The factor before W_o: ATTN_OUT_FACTOR for the Lipschitz GPT, 1 for plain_residual and the baseline."""
     return ATTN_OUT_FACTOR if cfg.arch == "lipschitz" else 1.0
+
+
+def attn_scale(cfg) -> float:
+    """The factor of q k^T inside the softmax: softmax_scale / d_head (1/d attention, the Lipschitz
+    archs), or 1 / sqrt(d_head) (the baseline)."""
+    d_head = cfg.d_model // cfg.n_head
+    return 1.0 / math.sqrt(d_head) if cfg.arch == "baseline" else cfg.softmax_scale / d_head
 
 
 # -----------------------------------------------------------------------------
@@ -167,28 +175,19 @@ class ConfigError(ValueError):
     pass
 
 
-def _coerce(name: str, typ, value, source: str):
-    """Check a value's type against the dataclass field (ints are accepted for floats)."""
-    typ = {"int": int, "float": float, "str": str, "bool": bool}[typ] if isinstance(typ, str) else typ
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return float(value)
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return int(value)
-    elif typ is str and isinstance(value, str):
-        return value
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}  # a bool on the command line
+
+
+def _coerce(name: str, typ: str, value, source: str):
+    """value as the field's type: TOML values as they are (ints accepted for floats), command-line text parsed."""
+    typ, v = {"int": int, "float": float, "str": str, "bool": bool}[typ], value
+    if isinstance(v, str) and typ is not str:
+        with contextlib.suppress(ValueError):
+            v = BOOL_WORDS.get(v.lower(), v) if typ is bool else typ(v)
+    if typ is float and type(v) is int:
+        v = float(v)
+    if type(v) is typ:  # type(True) is bool, not int: a bool is no number here
+        return v
     raise ConfigError(f"{source}: '{name}' must be of type {typ.__name__}, got {value!r}")
 
 
@@ -328,6 +327,7 @@ def quintic_composite(x: np.ndarray, coeffs) -> tuple[np.ndarray, np.ndarray]:
     return y, dy
 
 
+@functools.cache
 def ns_max_stretch(steps: int) -> float:
     """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
 
@@ -686,6 +686,14 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def max_update_norm(lr, ns_steps: int = 5, coupling: str = "exact", scale: float = 1.0):
+    """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one Muon update,
+    lr x the NS polynomial's largest stretch (with the bf16 margin). reference: the reference code's
+    lr / sqrt(d_out/d_in) (its Linear.project divides the RMS->RMS norm by the scale again, and
+    assumes no stretch)."""
+    return lr * (ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)) if coupling == "exact" else lr / scale
+
+
 def any_rank(flag: bool, device) -> bool:
     """Collective: whether flag is true on any rank (the flag itself without a process group)."""
     if dist_info()[1] == 1:
@@ -731,6 +739,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
         self.max_stretch = ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)
+        self.mark = None  # optional timer hook: mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
         """Params of a group by shape, in a fixed order (a 3-D param is a stack of matrices)."""
@@ -744,10 +753,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
 
     def max_update_norm(self, lr, scale: float = 1.0):
-        """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one update,
-        lr x the NS polynomial's largest stretch. reference: the reference code's lr / sqrt(d_out/d_in)
-        (its Linear.project divides the RMS->RMS norm by the scale again, and assumes no stretch)."""
-        return lr * self.max_stretch if self.coupling == "exact" else lr / scale
+        return max_update_norm(lr, self.ns_steps, self.coupling, scale)
 
     def _lr(self, params, lr: float):
         """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
@@ -816,7 +822,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for s, mi, vi in zip(states, m, v2):
                 s["exp_avg"], s["exp_avg_sq"], s["t"] = mi, vi, t
             W = W - lr * upd
-        return self._project(W, params, states, group, ids, lr)
+        if self.mark:
+            self.mark("update")
+        out = self._project(W, params, states, group, ids, lr)
+        if self.mark:
+            self.mark("constraint")
+        return out
 
     @staticmethod
     def _stacked_state(states, key, like):
@@ -984,8 +995,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
         self.baseline = cfg.arch == "baseline"
-        # 1/d_head scaling (Lipschitz) or 1/sqrt(d_head) (baseline)
-        self.scale = 1.0 / math.sqrt(self.head_dim) if self.baseline else cfg.softmax_scale / self.head_dim
+        self.scale = attn_scale(cfg)
         self.out_factor = attn_out_factor(cfg)
         self.dropout = cfg.dropout
         self.qkv = nn.Parameter(torch.empty(3, cfg.d_model, cfg.d_model))  # W_q, W_k, W_v: (d_out, d_in)
@@ -1207,11 +1217,12 @@ def load_val_slice(cfg: Config) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Files: atomic writes, checkpoints (weights_only loadable), logs
+# Checkpoints and run files: atomic writes, weights_only loading, checksums
 
 
 def _atomic_write(path: str, write) -> None:
-    """data/shards.py's atomic write (old file or new, never a partial one); a failure names the path."""
+    """data/shards.py's atomic write (the old file or the new one, never a partial one), failing
+    with a CheckpointError that names the path."""
     try:
         atomic_write(path, write)
     except OSError as e:
@@ -1301,11 +1312,20 @@ def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, d
     return model, cfg, ck
 
 
+CKPT_STEP_PREFIX = "ckpt_step"  # periodic checkpoints are ckpt_step<N>.pt, N zero-padded to 6 digits
+
+
+def step_of(path: str) -> int:
+    """N of a periodic checkpoint ckpt_step<N>.pt, or -1 when the name is not of that form."""
+    digits = os.path.basename(path)[len(CKPT_STEP_PREFIX):-len(".pt")]
+    return int(digits) if digits.isdigit() else -1
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Periodic checkpoints ckpt_step<N>.pt of a run directory, oldest first (temporary files of
-    interrupted writes never match)."""
-    paths = [p for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt_step*.pt")) if os.path.basename(p)[9:-3].isdigit()]
-    return sorted(paths, key=lambda p: int(os.path.basename(p)[9:-3]))
+    """Periodic checkpoints of a run directory, oldest first (temporary files of interrupted writes
+    never match)."""
+    paths = glob.glob(os.path.join(glob.escape(run_dir), f"{CKPT_STEP_PREFIX}*.pt"))
+    return sorted((p for p in paths if step_of(p) >= 0), key=step_of)
 
 
 def remove_stale_tmp(run_dir: str) -> list[str]:
@@ -1315,6 +1335,18 @@ def remove_stale_tmp(run_dir: str) -> list[str]:
         with contextlib.suppress(OSError):
             os.remove(p)
     return stale
+
+
+CERTIFICATE_FILE = "certificate.json"  # next to ckpt_final.pt: every mode of lipschitz_bound.py, as --json prints it
+
+
+def save_certificate(run_dir: str) -> dict:
+    """Certify run_dir/ckpt_final.pt (lipschitz_bound.certify_checkpoint, every mode) and save the
+    result as run_dir/certificate.json, atomically; returns it."""
+    import lipschitz_bound  # the certificate is a standalone script that imports this file
+    cert = lipschitz_bound.certify_checkpoint(os.path.join(run_dir, "ckpt_final.pt"))
+    atomic_write_bytes(os.path.join(run_dir, CERTIFICATE_FILE), json.dumps(lipschitz_bound._jsonable(cert)).encode())
+    return cert
 
 
 def system_info() -> str:
@@ -1329,7 +1361,7 @@ def system_info() -> str:
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training steps: schedules, optimizers, what follows the gradients, evaluation
 
 
 class TrainingDiverged(RuntimeError):
@@ -1350,6 +1382,17 @@ def momentum_at(step: int, cfg: Config) -> float:
     return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
 
 
+def set_schedule(mat_opt: MatrixOptimizer, adam, step: int, cfg: Config) -> float:
+    """Learning rates (each group's base_lr x lr_factor) and Muon momentum of this step; returns the factor."""
+    frac = lr_factor(step, cfg)
+    for g in mat_opt.param_groups:
+        g["lr"] = g["base_lr"] * frac
+        g["momentum"] = momentum_at(step, cfg)
+    for g in adam.param_groups if adam is not None else []:
+        g["lr"] = g["base_lr"] * frac
+    return frac
+
+
 def build_optimizers(model: GPT, cfg: Config):
     """MatrixOptimizer for the hidden matrices, the spectral head and (embed_update=rownorm) the
     embedding; Adam for the rest, or None when nothing is left for it."""
@@ -1368,8 +1411,7 @@ def build_optimizers(model: GPT, cfg: Config):
                           momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, nesterov=cfg.nesterov,
                           coupling=cfg.soft_cap_coupling, ns_dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16,
-                          shares=shares,
-                          row_inflation=cfg.embed_max_inflation)
+                          shares=shares, row_inflation=cfg.embed_max_inflation)
     adam = None
     if adam_params:
         adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -1422,17 +1464,25 @@ def qk_clip(model: GPT, tau: float) -> int:
     return n
 
 
-def matrix_norms(model: GPT) -> dict[str, float]:
-    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            out["embed.max_row_rms"] = float(p.detach().double().pow(2).mean(-1).sqrt().max())
-        elif name.endswith("qkv"):
-            for i, n in enumerate("qkv"):
-                out[f"{name[:-3]}{n}"] = float(spectral_norm_exact(p[i])) / rms_scale(p[i])
+def named_matrices(params: dict):
+    """(key, matrix) of every weight as the forward pass uses it, in parameter order; attn.qkv gives
+    three keys attn.q, attn.k, attn.v. The keys of matrix_norms and of the certificate's norms."""
+    for name, p in params.items():
+        if name.endswith("attn.qkv"):
+            yield from ((name[:-3] + n, p[i]) for i, n in enumerate("qkv"))
         else:
-            out[name] = float(spectral_norm_exact(p)) / rms_scale(p)
+            yield name, p
+
+
+def matrix_norms(model: GPT) -> dict[str, float]:
+    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues); the
+    embedding's largest row RMS."""
+    out = {}
+    for key, W in named_matrices(dict(model.named_parameters())):
+        if key == "embed.weight":
+            out["embed.max_row_rms"] = float(W.detach().double().pow(2).mean(-1).sqrt().max())
+        else:
+            out[key] = float(spectral_norm_exact(W)) / rms_scale(W)
     return out
 
 
@@ -1479,6 +1529,10 @@ def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, r
             "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4])}
 
 
+# -----------------------------------------------------------------------------
+# Processes: torchrun, signals, gradients and errors across ranks
+
+
 def setup_distributed(cfg: Config):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -1499,9 +1553,18 @@ def setup_distributed(cfg: Config):
     return rank, world, torch.device(dev)
 
 
-def default_run_name(cfg: Config) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.arch}_{cfg.optimizer}_{cfg.constraint}_w{cfg.w_max:g}_s{cfg.seed}_{stamp}"
+def all_reduce_grads(model: GPT, loss_sum: torch.Tensor) -> torch.Tensor:
+    """Collective: every gradient averaged over ranks and the loss summed, in one flat all-reduce;
+    returns the summed loss."""
+    world = dist_info()[1]
+    if world == 1:
+        return loss_sum
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss_sum.reshape(1)])
+    dist.all_reduce(flat)
+    flat[:-1].div_(world)
+    torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(torch.split(flat[:-1], [g.numel() for g in grads]), grads)])
+    return flat[-1]
 
 
 class Stopper:
@@ -1536,14 +1599,22 @@ class RanksDisagree(RuntimeError):
     pass
 
 
-def agree_on_error(err: Exception | None, world: int, device) -> None:
-    """Collective: if any rank hit an error, every rank raises (the failing one its own error,
-    the others a pointer to it), so that no rank waits forever in the next collective."""
-    if world > 1:
-        flag = torch.tensor([0.0 if err is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if err is None and flag.item():
-            raise OtherRankFailed("another rank stopped with an error (its message is printed above)")
+@contextlib.contextmanager
+def agreed_errors(device, os_error: str = ""):
+    """Collective: a config, data or checkpoint error raised in the block (with os_error, also an
+    OSError, as a CheckpointError starting with os_error) is raised on every rank when the block
+    ends: the failing rank raises its own, the others a pointer to it, so none waits forever."""
+    err = None
+    try:
+        yield
+    except (ConfigError, DataError, CheckpointError) as e:
+        err = e
+    except OSError as e:
+        if not os_error:
+            raise
+        err = CheckpointError(f"{os_error} ({e})")
+    if any_rank(err is not None, device) and err is None:
+        raise OtherRankFailed("another rank stopped with an error (its message is printed above)")
     if err is not None:
         raise err
 
@@ -1559,9 +1630,7 @@ def check_ranks_agree(model: GPT, step: int, device) -> None:
         dist.broadcast(ref, src=0)
         if not torch.equal(ref, p.detach()):
             bad.append(name)
-    n = torch.tensor([float(len(bad))], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if n.item():
+    if any_rank(bool(bad), device):
         where = f"rank {rank} differs from rank 0 in {', '.join(bad)}" if bad else "another rank differs from rank 0"
         raise RanksDisagree(f"step {step}: weights are not identical across ranks ({where}); "
                             "the sharded optimizer or the gradient all-reduce is broken")
@@ -1577,8 +1646,13 @@ def nonfinite_tensor(model: GPT, loss: torch.Tensor) -> str | None:
     return "loss" if i == 0 else f"weight {named[i - 1][0]}"
 
 
-def step_of(path: str) -> int:
-    return int(os.path.basename(path)[9:-3])
+# -----------------------------------------------------------------------------
+# Runs: the run directory, resume, checkpoints, logs
+
+
+def default_run_name(cfg: Config) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.arch}_{cfg.optimizer}_{cfg.constraint}_w{cfg.w_max:g}_s{cfg.seed}_{stamp}"
 
 
 def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
@@ -1650,221 +1724,213 @@ def restore(ck: dict, path: str, model: GPT, mat_opt: MatrixOptimizer, adam, loa
     return ck["step"]
 
 
-def train(cfg: Config) -> dict:
-    with Stopper() as stopper:  # from the start: a signal during setup stops at the first step boundary
-        return _train(cfg, stopper)
+def write_run_files(cfg: Config, run_dir: str, resume_path: str, shape: str):
+    """Rank 0: config.json with the settings in force (a resume may change some, e.g. num_steps;
+    log.txt records which) and log.txt, opened for appending: on a new run this file's code, then
+    the system and `shape`. Returns the open log file."""
+    os.makedirs(run_dir, exist_ok=True)
+    stale = remove_stale_tmp(run_dir)
+    cfg_path, changed = os.path.join(run_dir, "config.json"), []
+    if os.path.exists(cfg_path):
+        with contextlib.suppress(OSError, ValueError), open(cfg_path) as fh:
+            old = json.load(fh)
+            changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items() if old.get(k) != v]
+    atomic_write_bytes(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    logf = open(os.path.join(run_dir, "log.txt"), "a")
+    if changed:
+        logf.write("config changed on resume: " + "; ".join(changed) + "\n")
+    if not resume_path:
+        with open(os.path.abspath(__file__)) as src:
+            logf.write(src.read() + "\n" + "=" * 100 + "\n")
+    logf.write(system_info() + "\n" + f"{shape} removed_tmp:{len(stale)}\n")
+    logf.flush()
+    return logf
 
 
-def _train(cfg: Config, stopper: Stopper) -> dict:
-    validate_config(cfg)
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    if world > 1 and not cfg.resume:  # the time-stamped default name must be the same on every rank
-        name = [cfg.run_name or default_run_name(cfg)]
-        dist.broadcast_object_list(name, src=0)
-        cfg.run_name = name[0]
+class Run:
+    """A training run as the loop uses it, the same on every rank: processes, run directory and log,
+    model and its forward (compiled on CUDA), optimizers, data. Its methods are the loop's
+    bookkeeping: log, evaluate, save_checkpoint, stop, finish."""
 
-    # every check (config, run dir, checkpoint, data) before any write, model build or compile;
-    # errors are agreed across ranks so that none is left waiting
-    err = None
-    try:
-        accum = grad_accum_steps(cfg, world)
-        rows = cfg.micro_batch_tokens // cfg.seq_len
-        run_dir, resume_path, ck = resolve_run(cfg)
-        cfg.out_dir = run_dir
-        check_data_meta(cfg)
-        train_loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
-        val_tokens = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
-        val_slice = load_val_slice(cfg) if cfg.val_slice_windows else None
-        torch.manual_seed(cfg.seed)
-        model = GPT(cfg).to(device)
-        mat_opt, adam = build_optimizers(model, cfg)
-        step = restore(ck, resume_path, model, mat_opt, adam, train_loader) if ck is not None else 0
-        del ck
-    except (ConfigError, DataError, CheckpointError) as e:
-        err = e
-    agree_on_error(err, world, device)
+    def __init__(self, cfg: Config):
+        """Open the run: every check (config, run directory, checkpoint, data) on every rank before
+        anything is written or compiled, errors agreed across ranks; then the model and optimizers
+        (resumed from the checkpoint, if any) and the run directory's config.json and log.txt."""
+        validate_config(cfg)
+        self.cfg, (self.rank, self.world, self.device) = cfg, setup_distributed(cfg)
+        rank, world, device = self.rank, self.world, self.device
+        if world > 1 and not cfg.resume:  # the time-stamped default name must be the same on every rank
+            name = [cfg.run_name or default_run_name(cfg)]
+            dist.broadcast_object_list(name, src=0)
+            cfg.run_name = name[0]
+        with agreed_errors(device):
+            self.accum, self.rows = grad_accum_steps(cfg, world), cfg.micro_batch_tokens // cfg.seq_len
+            self.run_dir, self.resume_path, ck = resolve_run(cfg)
+            cfg.out_dir = self.run_dir
+            check_data_meta(cfg)
+            self.loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
+            self.val = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
+            self.val_slice = load_val_slice(cfg) if cfg.val_slice_windows else None
+            torch.manual_seed(cfg.seed)
+            self.model = GPT(cfg).to(device)
+            self.mat_opt, self.adam = build_optimizers(self.model, cfg)
+            self.step = restore(ck, self.resume_path, self.model, self.mat_opt, self.adam, self.loader) if ck is not None else 0
+            del ck
+        self.last_ckpt = self.resume_path or "(none)"
+        self.last_saved_step = self.step if self.resume_path else -1
+        self.logf = self.wandb = None
+        with agreed_errors(device, os_error=f"{self.run_dir}: cannot write the run directory"):
+            if rank == 0:
+                self.logf = write_run_files(cfg, self.run_dir, self.resume_path, f"world_size:{world} grad_accum:{self.accum} "
+                                            f"rows_per_micro:{self.rows} resume:{self.resume_path or '-'}")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                                       enabled=cfg.dtype == "bf16")
+        for b in self.model.blocks:
+            b.attn.track_max_logit = cfg.qk_clip_tau > 0
+        self.fwd = torch.compile(self.model) if (cfg.compile and device.type == "cuda") else self.model
+        if rank == 0:
+            print(f"run dir {self.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+                  f"world {world}, accum {self.accum}, device {device}, dtype {cfg.dtype}"
+                  + (f", resumed at step {self.step}" if self.resume_path else ""))
+        if rank == 0 and cfg.wandb:
+            import wandb  # optional dependency, imported only when asked for
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow")
 
-    logf = None
-    try:
-        if master:
-            os.makedirs(run_dir, exist_ok=True)
-            stale = remove_stale_tmp(run_dir)
-            # config.json always holds the settings in force (a resume may change e.g. num_steps);
-            # log.txt records what a resume changed
-            cfg_path, changed = os.path.join(run_dir, "config.json"), []
-            if os.path.exists(cfg_path):
-                with contextlib.suppress(OSError, ValueError):
-                    old = json.load(open(cfg_path))
-                    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items() if old.get(k) != v]
-            atomic_write_bytes(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=2).encode())
-            logf = open(os.path.join(run_dir, "log.txt"), "a")
-            if changed:
-                logf.write("config changed on resume: " + "; ".join(changed) + "\n")
-            if not resume_path:
-                with open(os.path.abspath(__file__)) as src:
-                    logf.write(src.read() + "\n" + "=" * 100 + "\n")
-            logf.write(system_info() + "\n")
-            logf.write(f"world_size:{world} grad_accum:{accum} rows_per_micro:{rows} resume:{resume_path or '-'}"
-                       f" removed_tmp:{len(stale)}\n")
-            logf.flush()
-    except (OSError, CheckpointError) as e:
-        err = e if isinstance(e, CheckpointError) else CheckpointError(f"{run_dir}: cannot write the run directory ({e})")
-    agree_on_error(err, world, device)
+    def clock(self) -> float:
+        """perf_counter once the device has finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    use_cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    autocast_ctx = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype == "bf16")
-    for b in model.blocks:
-        b.attn.track_max_logit = cfg.qk_clip_tau > 0
-    fwd = torch.compile(model) if (cfg.compile and use_cuda) else model
-    if master:
-        print(f"run dir {run_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, world {world}, "
-              f"accum {accum}, device {device}, dtype {cfg.dtype}" + (f", resumed at step {step}" if resume_path else ""))
-    wandb_run = None
-    if master and cfg.wandb:
-        import wandb  # optional dependency, imported only when asked for
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=dataclasses.asdict(cfg), resume="allow")
-
-    def log(line: str, record: dict | None = None):
-        if master:
+    def log(self, line: str, record: dict | None = None) -> None:
+        """Rank 0: print the line, append it to log.txt, and record (if any) to metrics.jsonl."""
+        if self.rank == 0:
             print(line, flush=True)
-            logf.write(line + "\n")
-            logf.flush()
+            self.logf.write(line + "\n")
+            self.logf.flush()
             if record is not None:
-                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as fh:
                     fh.write(json.dumps(record) + "\n")
 
-    last_ckpt = resume_path or "(none)"
-    last_saved_step = step if resume_path else -1
+    def evaluate(self, step: int, train_loss: float | None) -> dict:
+        """Val loss and accuracy (and on the reference's slice), activation maxima and, on rank 0,
+        every matrix's norm; logged and returned. train_loss is None before the first step."""
+        cfg = self.cfg
+        m = evaluate(self.model, self.val, cfg, self.device, self.autocast, self.rows)
+        if self.val_slice is not None:
+            sl = evaluate(self.model, self.val_slice, cfg, self.device, self.autocast, self.rows,
+                          torch.arange(cfg.val_slice_windows))
+            m["slice_val_loss"], m["slice_val_acc"] = sl["val_loss"], sl["val_acc"]
+        m["step"] = step
+        if self.rank == 0:  # float64 norms of every matrix: rank 0 only
+            m["norms"] = matrix_norms(self.model)
+        if cfg.debug:
+            check_ranks_agree(self.model, step, self.device)
+        m["train_loss"] = train_loss
+        if self.rank == 0:
+            n = m["norms"]
+            sl = f"slice_val_loss:{m['slice_val_loss']:.4f} " if "slice_val_loss" in m else ""
+            self.log(f"step:{step}/{cfg.num_steps} val_loss:{m['val_loss']:.4f} val_acc:{m['val_acc']:.4f} {sl}"
+                     f"max_act_entry:{m['max_act_entry']:.4g} max_act_rms:{m['max_act_rms']:.4g} "
+                     f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}",
+                     record=m)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in m.items() if k != "norms"}, step=step)
+        return m
 
-    def save(kind: str) -> str:
-        """'step': resumable checkpoint (pruned to keep_last); 'final': weights + config. Collective."""
-        nonlocal last_ckpt, last_saved_step
-        model_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        obj = {"model": model_sd, "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
+    def save_checkpoint(self, step: int, kind: str = "step") -> str:
+        """Collective. 'step': ckpt_step<N>.pt, resumable (weights, config, optimizer, loader and RNG
+        state; older ones beyond keep_last are deleted); 'final': ckpt_final.pt (weights and config)."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        obj = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+               "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
         if kind == "step":
-            obj["optimizers"] = {"matrix": mat_opt.full_state_dict(), "adam": adam.state_dict() if adam is not None else {}}
-            obj["loader"] = train_loader.state_dict()
-            obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None}
-        path = os.path.join(run_dir, f"ckpt_step{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
-        err = None
-        if master:
-            try:
+            obj["optimizers"] = {"matrix": self.mat_opt.full_state_dict(),
+                                 "adam": self.adam.state_dict() if self.adam is not None else {}}
+            obj["loader"] = self.loader.state_dict()
+            obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+        path = os.path.join(self.run_dir, f"{CKPT_STEP_PREFIX}{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
+        with agreed_errors(self.device, os_error=f"{self.run_dir}: cannot prune old checkpoints"):
+            if self.rank == 0:
                 if kind == "final" and os.path.exists(path):
                     raise CheckpointError(f"{path} exists; not overwriting it")
                 obj["checksum"] = content_checksum(obj)
                 atomic_torch_save(obj, path)
-                if kind == "step":
-                    for old in list_checkpoints(run_dir)[: -cfg.keep_last]:
-                        os.remove(old)
-            except OSError as e:
-                err = CheckpointError(f"{run_dir}: cannot prune old checkpoints ({e})")
-            except CheckpointError as e:
-                err = e
-        agree_on_error(err, world, device)
-        last_ckpt, last_saved_step = path, step
+                for old in list_checkpoints(self.run_dir)[: -cfg.keep_last] if kind == "step" else []:
+                    os.remove(old)
+        self.last_ckpt, self.last_saved_step = path, step
         return path
 
-    def run_eval() -> dict:
-        m = evaluate(model, val_tokens, cfg, device, autocast_ctx, rows)
-        if val_slice is not None:
-            sl = evaluate(model, val_slice, cfg, device, autocast_ctx, rows, torch.arange(cfg.val_slice_windows))
-            m["slice_val_loss"], m["slice_val_acc"] = sl["val_loss"], sl["val_acc"]
-        m["step"] = step
-        if master:  # float64 norms of every matrix: logged by rank 0 only
-            m["norms"] = matrix_norms(model)
-        if cfg.debug:
-            check_ranks_agree(model, step, device)
-        return m
+    def stop(self, step: int) -> dict:
+        """After SIGTERM / SIGINT: a resumable checkpoint (unless this step has one), then exit."""
+        path = self.save_checkpoint(step) if self.last_saved_step != step else self.last_ckpt
+        self.log(f"stopped by signal at step {step}; continue with --resume latest --out_dir {self.run_dir}")
+        if self.logf:
+            self.logf.close()
+        return {"stopped": True, "step": step, "checkpoint": path, "run_dir": self.run_dir}
 
-    metrics = {}
-    train_loss = float("nan")
-    t_train, t0 = 0.0, time.perf_counter()
-    while True:
-        last = step >= cfg.num_steps
-        if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
-            metrics = run_eval()
-            metrics["train_loss"] = train_loss if math.isfinite(train_loss) else None  # None before the first step
-            if master:
-                n = metrics["norms"]
-                sl = f"slice_val_loss:{metrics['slice_val_loss']:.4f} " if "slice_val_loss" in metrics else ""
-                log(f"step:{step}/{cfg.num_steps} val_loss:{metrics['val_loss']:.4f} val_acc:{metrics['val_acc']:.4f} {sl}"
-                    f"max_act_entry:{metrics['max_act_entry']:.4g} max_act_rms:{metrics['max_act_rms']:.4g} "
-                    f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}",
-                    record=metrics)
-            if wandb_run:
-                wandb_run.log({k: v for k, v in metrics.items() if k != "norms"}, step=step)
-        if last:
-            break
-        stop = stopper.requested
-        if world > 1:
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
-            path = save("step") if last_saved_step != step else last_ckpt
-            log(f"stopped by signal at step {step}; continue with --resume latest --out_dir {run_dir}")
-            if logf:
-                logf.close()
-            return {"stopped": True, "step": step, "checkpoint": path, "run_dir": run_dir}
-        # one optimizer step
-        if use_cuda:
-            torch.cuda.synchronize()
-        ts = time.perf_counter()
-        frac = lr_factor(step, cfg)
-        for g in mat_opt.param_groups:
-            g["lr"] = g["base_lr"] * frac
-            g["momentum"] = momentum_at(step, cfg)
-        for g in adam.param_groups if adam is not None else []:
-            g["lr"] = g["base_lr"] * frac
-        loss_sum = torch.zeros((), device=device)
-        for x, y in train_loader.next_batch(rows, rank, world, accum, device):
-            with autocast_ctx:
-                loss = fwd(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        if world > 1:  # one collective: every gradient and the loss in one flat buffer, summed, then / world
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads] + [loss_sum.reshape(1)])
-            dist.all_reduce(flat)
-            flat[:-1].div_(world)
-            torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(torch.split(flat[:-1], [g.numel() for g in grads]), grads)])
-            loss_sum = flat[-1]
-        clipped = optimizer_step(model, mat_opt, adam, cfg)
-        train_loss = float(loss_sum) / (accum * world)
-        bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together
-        step += 1
-        if use_cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - ts
-        t_train += dt
-        if bad:
-            raise TrainingDiverged(f"step {step}: non-finite {bad} (train loss {train_loss}); stopped before writing "
-                                   f"anything. Last good checkpoint: {last_ckpt}")
-        if cfg.debug:
-            check_ranks_agree(model, step, device)
-        if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
-            log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
-                f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
-                record={"step": step, "train_loss": train_loss, "lr_frac": frac})
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
-            save("step")
-    final = save("final")
-    metrics["checkpoint"] = final
-    metrics["run_dir"] = run_dir
-    metrics["train_time_s"] = t_train
-    log(f"done in {time.perf_counter() - t0:.1f}s ({t_train:.1f}s training); checkpoint {final}")
-    if master:
-        import lipschitz_bound  # the certificate lives in its own standalone script
-        cert = lipschitz_bound.certify_checkpoint(final)
-        metrics["certificate"] = cert
-        log(lipschitz_bound.summary_line(cert))
-    if logf:
-        logf.close()
-    if wandb_run:
-        wandb_run.finish()
-    return metrics
+    def finish(self, step: int, metrics: dict, train_s: float, t0: float) -> dict:
+        """ckpt_final.pt and (rank 0) its certificate, saved next to it; returns the final metrics."""
+        final = self.save_checkpoint(step, "final")
+        metrics.update(checkpoint=final, run_dir=self.run_dir, train_time_s=train_s)
+        self.log(f"done in {time.perf_counter() - t0:.1f}s ({train_s:.1f}s training); checkpoint {final}")
+        if self.rank == 0:
+            import lipschitz_bound  # the certificate is a standalone script that imports this file
+            metrics["certificate"] = save_certificate(self.run_dir)
+            self.log(lipschitz_bound.summary_line(metrics["certificate"]))
+        if self.logf:
+            self.logf.close()
+        if self.wandb:
+            self.wandb.finish()
+        return metrics
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: Config) -> dict:
+    """Train cfg's model; returns the final metrics (after a signal: where it stopped and its checkpoint)."""
+    with Stopper() as stopper:  # from the start: a signal during setup stops at the first step boundary
+        run = Run(cfg)  # checks, builds and resumes everything, then writes the run directory
+        model, mat_opt, adam, step = run.model, run.mat_opt, run.adam, run.step
+        metrics, train_loss, train_s, t0 = {}, None, 0.0, time.perf_counter()
+        while True:
+            last = step >= cfg.num_steps
+            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
+                metrics = run.evaluate(step, train_loss)
+            if last:
+                return run.finish(step, metrics, train_s, t0)
+            if any_rank(stopper.requested, run.device):  # a signal to any rank: all save and exit together
+                return run.stop(step)
+            # one step: the global batch in micro-batches (gradients accumulated, then averaged over ranks),
+            # Muon or AdamW, the weight constraint
+            t_step = run.clock()
+            frac = set_schedule(mat_opt, adam, step, cfg)
+            loss_sum = torch.zeros((), device=run.device)
+            for x, y in run.loader.next_batch(run.rows, run.rank, run.world, run.accum, run.device):
+                with run.autocast:
+                    loss = run.fwd(x, y)
+                (loss / run.accum).backward()
+                loss_sum += loss.detach()
+            loss_sum = all_reduce_grads(model, loss_sum)
+            clipped = optimizer_step(model, mat_opt, adam, cfg)
+            train_loss = float(loss_sum) / (run.accum * run.world)
+            bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together
+            step += 1
+            dt = run.clock() - t_step
+            train_s += dt
+            if bad:
+                raise TrainingDiverged(f"step {step}: non-finite {bad} (train loss {train_loss}); stopped before writing "
+                                       f"anything. Last good checkpoint: {run.last_ckpt}")
+            if cfg.debug:
+                check_ranks_agree(model, step, run.device)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+                run.log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
+                        f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
+                        record={"step": step, "train_loss": train_loss, "lr_frac": frac})
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
+                run.save_checkpoint(step)
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, RanksDisagree, OtherRankFailed, OSError)

@@ -23,15 +23,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt as T  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = list(T.CONSTRAINTS)
+METHODS = list(tg.CONSTRAINTS)
 SHAPES = {
     "shakespeare": [(256, 256), (1024, 256), (256, 1024), (65, 256)],
     "145m": [(768, 768), (3072, 768), (768, 3072), (50304, 768)],
 }
 LR, W_MAX = 0.05, 1.0
+POWER_ITERS = tg.Config().power_iters  # warm-started iterations per step, the trainer's default
 
 
 def sync(device):
@@ -63,35 +64,34 @@ def post_muon_matrix(m, n, device, seed=0):
     return ((U * s.float()) @ V.T).to(device)
 
 
-def projector(name, M, opt):
-    """A closure doing what MatrixOptimizer._project does for one stack (train_gpt.constraint_args,
-    then the constraint), with a warm power-iteration start."""
-    state = {"v": T.power_iteration(M, torch.randn(M.shape[:-2] + (M.size(-1),), device=M.device), 32)[2]}
+def projector(name, M, power_iters=POWER_ITERS):
+    """A closure doing what MatrixOptimizer does to one stack after the update (train_gpt.constraint_args,
+    then the constraint), with a warm power-iteration start and the soft cap coupled to Muon at LR."""
+    state = {"v": tg.power_iteration(M, torch.randn(M.shape[:-2] + (M.size(-1),), device=M.device), 32)[2]}
 
     def run():
-        p = T.constraint_args(name, M, W_MAX, LR, 0.1, state["v"], opt.power_iters, opt.max_update_norm(LR))
-        return T.CONSTRAINTS[name](M, p)
+        p = tg.constraint_args(name, M, W_MAX, LR, 0.1, state["v"], power_iters, tg.max_update_norm(LR))
+        return tg.CONSTRAINTS[name](M, p)
     return run
 
 
 def bench_shapes(shapes, device, repeats, methods):
-    opt = T.MatrixOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], kind="muon", constraint="none", w_max=W_MAX)
     print(f"\n{'method':<19}{'shape':>12}{'median ms':>12}{'sigma_max/w_max after':>24}")
     results = {}
     for m, n in shapes:
         M = post_muon_matrix(m, n, device)
         reps = repeats if m * n <= 4_000_000 else max(1, repeats // 5)
         for name in methods:
-            run = projector(name, M, opt)
+            run = projector(name, M)
             try:
                 t = median_time(run, device, reps)
-                after = float(T.spectral_norm_exact(run())) / W_MAX
+                after = float(tg.spectral_norm_exact(run())) / W_MAX
             except ValueError as e:  # hard_cap_poly's refusal, say
                 print(f"{name:<19}{f'{m}x{n}':>12}   refused: {e}")
                 continue
             results[(name, (m, n))] = t
             flag = ""
-            if name in T.GUARANTEED and after > 1 + 1e-3:
+            if name in tg.GUARANTEED and after > 1 + 1e-3:
                 flag = "  <-- above w_max (1 + 1e-3)"
             print(f"{name:<19}{f'{m}x{n}':>12}{1000 * t:>12.2f}{after:>24.6f}{flag}", flush=True)
     return results
@@ -99,10 +99,10 @@ def bench_shapes(shapes, device, repeats, methods):
 
 def step_fraction(device, repeats, methods):
     """Projection time of all matrices of the Shakespeare model vs one forward+backward."""
-    cfg = T.parse_config(["--config", os.path.join(REPO, "configs", "shakespeare_char.toml"), "--device", str(device),
+    cfg = tg.parse_config(["--config", os.path.join(REPO, "configs", "shakespeare_char.toml"), "--device", str(device),
                           "--dtype", "fp32", "--compile", "false"])
     torch.manual_seed(0)
-    model = T.GPT(cfg).to(device)
+    model = tg.GPT(cfg).to(device)
     B = cfg.micro_batch_tokens // cfg.seq_len
     idx = torch.randint(0, cfg.vocab_size, (B, cfg.seq_len), device=device)
 
@@ -112,8 +112,6 @@ def step_fraction(device, repeats, methods):
     t_step = median_time(fwd_bwd, device, repeats)
     print(f"\nShakespeare model ({cfg.n_layer} layers, d {cfg.d_model}, batch {B}x{cfg.seq_len}, fp32): "
           f"forward+backward {1000 * t_step:.1f} ms (median of {repeats})")
-    opt = T.MatrixOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], kind="muon", constraint="none", w_max=W_MAX,
-                            power_iters=cfg.power_iters)
     # the stacks MatrixOptimizer forms: same-shaped hidden matrices together (qkv is a (3, d, d) stack), the head alone
     by_shape = {}
     for p in model.hidden_matrices():
@@ -128,7 +126,7 @@ def step_fraction(device, repeats, methods):
     print(f"{'method':<19}{'projections ms':>16}{'% of fwd+bwd':>14}")
     out = {}
     for name in methods:
-        runs = [projector(name, M, opt) for M in Ms]
+        runs = [projector(name, M, cfg.power_iters) for M in Ms]
         try:
             t = median_time(lambda: [r() for r in runs], device, repeats)
         except ValueError as e:
@@ -142,7 +140,7 @@ def step_fraction(device, repeats, methods):
 def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
     """How far the warm-started estimate (cfg.power_iters per step) lags sigma_1 while the matrix
     takes full-rank Muon-shaped steps of RMS->RMS size lr (spectrum with a clustered top)."""
-    iters = T.Config().power_iters
+    iters = POWER_ITERS
     print(f"\nwarm-started power iteration ({iters} iterations/step, 256x768, top 32 singular values equal):")
     for lr in lr_values:
         g = torch.Generator().manual_seed(0)
@@ -152,10 +150,10 @@ def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
         W, v, worst = ((U * s) @ V.T).to(device), torch.randn(768, generator=g).to(device), 0.0
         for t in range(steps):
             if t:
-                W = W + lr * T.msign(torch.randn(256, 768, generator=g).to(device), 5)
-            _, sigma, v = T.power_iteration(W, v, 32 if t == 0 else iters)
+                W = W + lr * tg.msign(torch.randn(256, 768, generator=g).to(device), 5)
+            _, sigma, v = tg.power_iteration(W, v, 32 if t == 0 else iters)
             if t >= 5:
-                exact = float(T.spectral_norm_exact(W))
+                exact = float(tg.spectral_norm_exact(W))
                 worst = max(worst, (exact - float(sigma)) / exact)
         print(f"  step size {lr:<6}: worst relative underestimate of sigma_1 over steps 5-{steps - 1}: {worst:.2e}")
 
@@ -169,10 +167,10 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in T.CONSTRAINTS]
+    bad = [m for m in methods if m not in tg.CONSTRAINTS]
     if bad:
         ap.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    print(T.system_info())
+    print(tg.system_info())
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     shapes = SHAPES["shakespeare"] + SHAPES["145m"] if args.shapes == "all" else SHAPES[args.shapes]
     res = bench_shapes(shapes, device, args.repeats, methods)

@@ -10,8 +10,8 @@ runs them: GPT, build_optimizers (Muon + the constraint for the matrices, Adam f
 autocast, torch.compile (--compile), train_gpt.optimizer_step and the per-step non-finite check.
 It is timed in four parts (CUDA events on a GPU, so the parts add no synchronization):
 forward+backward, the updates (train_gpt.optimizer_step: Muon and Adam, embedding-row projection,
-zeroed gradients) without the constraint, the constraint (MatrixOptimizer._project: power
-iteration, soft-cap coupling, projection), and the bookkeeping (the non-finite check). The plain recipe is nanoGPT's model written plainly: pre-norm
+zeroed gradients) without the constraint, the constraint (power iteration, soft-cap coupling,
+projection: timed through MatrixOptimizer.mark), and the bookkeeping (the non-finite check). The plain recipe is nanoGPT's model written plainly: pre-norm
 LayerNorm (no bias), the same RoPE positions, 1/sqrt(d_head) causal SDPA, GELU MLP, plain
 residuals, untied head, torch.optim.AdamW (fused on CUDA, foreach on CPU, decay on matrices),
 no gradient clipping (which would only slow it down), same width, depth, heads, context, batch
@@ -46,11 +46,12 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import train_gpt as T  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 DEFAULT_CONSTRAINTS = "soft_cap,spectral_normalize,hard_cap"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# The CPU targets (tokens/s ratios and the optimizer share of our step).
+# CPU targets of our bf16 step (configs/shakespeare_char.toml, batch 64 x 256, as in the docstring):
+# tokens/s against the plain recipe in fp32 and bf16, and the optimizer's share of the step.
 TARGET_VS_PLAIN_FP32, TARGET_VS_PLAIN_BF16, TARGET_OPT_FRACTION = 1.5, 1.1, 0.10
 # A compiled/bf16 loss and the eager fp32 loss of the same weights and batch must agree to this
 # relative error (bf16 has an 8-bit mantissa: 2^-8 = 0.4% per rounding; 2% leaves room for sums).
@@ -74,21 +75,21 @@ class PlainBlock(nn.Module):
     def forward(self, x, cos, sin):
         B, L, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_head, C // self.n_head).unbind(2)
-        q, k = T.apply_rope(q, cos, sin), T.apply_rope(k, cos, sin)
+        q, k = tg.apply_rope(q, cos, sin), tg.apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + self.attn_proj(y.transpose(1, 2).reshape(B, L, C))
         return x + self.mlp_proj(F.gelu(self.fc(self.ln2(x))))
 
 
 class PlainGPT(nn.Module):
-    def __init__(self, cfg: T.Config):
+    def __init__(self, cfg: tg.Config):
         super().__init__()
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.blocks = nn.ModuleList(PlainBlock(d, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d, bias=False)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-        cos, sin = T.rope_tables(cfg.seq_len, d // cfg.n_head)
+        cos, sin = tg.rope_tables(cfg.seq_len, d // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.n_layer = cfg.n_layer
@@ -124,7 +125,7 @@ def plain_optimizer(model: PlainGPT, device) -> torch.optim.AdamW:
 # Figures: FLOPs, the matmul ceiling, timing
 
 
-def flops_per_token(cfg: T.Config) -> float:
+def flops_per_token(cfg: tg.Config) -> float:
     d, L, r = cfg.d_model, cfg.n_layer, cfg.mlp_ratio
     n_matmul = L * (3 * d * d + d * d + 2 * r * d * d) + cfg.vocab_size * d
     return 6.0 * n_matmul + 12.0 * L * cfg.seq_len * d
@@ -216,7 +217,7 @@ def summarize(name: str, rec: list[dict], tokens: int, fpt: float, ceiling: floa
     return s
 
 
-def make_batches(cfg: T.Config, rows: int, device, n: int = 2):
+def make_batches(cfg: tg.Config, rows: int, device, n: int = 2):
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(n):
@@ -248,9 +249,9 @@ def free(device):
 # The two steps
 
 
-def bench_ours(cfg: T.Config, constraints: list[str], rows: int, device, compile_: bool, args, fpt, ceiling) -> list[dict]:
+def bench_ours(cfg: tg.Config, constraints: list[str], rows: int, device, compile_: bool, args, fpt, ceiling) -> list[dict]:
     torch.manual_seed(cfg.seed)
-    model = T.GPT(cfg).to(device)
+    model = tg.GPT(cfg).to(device)
     fwd = torch.compile(model) if compile_ else model
     autocast_ctx = torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype == "bf16")
     batches = make_batches(cfg, rows, device)
@@ -258,23 +259,14 @@ def bench_ours(cfg: T.Config, constraints: list[str], rows: int, device, compile
     results = []
     for c in constraints:
         ccfg = dataclasses.replace(cfg, constraint=c, wd=(cfg.wd or 0.1) if c in ("weight_decay", "spectral_wd") else 0.0)
-        T.validate_config(ccfg)
+        tg.validate_config(ccfg)
         model.reset_parameters()  # model.cfg stays: a compiled forward would recompile for a new one
         free(device)
-        mat_opt, adam = T.build_optimizers(model, ccfg)
-        marks_ref = {}
-        project = mat_opt._project
-
-        def timed_project(*a, **k):  # the constraint's share, marked inside MatrixOptimizer.step
-            marks_ref["m"].mark("update")
-            out = project(*a, **k)
-            marks_ref["m"].mark("constraint")
-            return out
-        mat_opt._project = timed_project
+        mat_opt, adam = tg.build_optimizers(model, ccfg)
         it = [0]
 
         def step(marks):
-            marks_ref["m"] = marks
+            mat_opt.mark = marks.mark  # the constraint's share, marked around each projection in MatrixOptimizer.step
             x, y = batches[it[0] % len(batches)]
             it[0] += 1
             marks.mark("start")
@@ -282,16 +274,16 @@ def bench_ours(cfg: T.Config, constraints: list[str], rows: int, device, compile
                 loss = fwd(x, y)
             loss.backward()
             marks.mark("fwd_bwd")
-            T.optimizer_step(model, mat_opt, adam, ccfg)  # the trainer's own: updates, constraint, row caps
+            tg.optimizer_step(model, mat_opt, adam, ccfg)  # the trainer's own: updates, constraint, row caps
             marks.mark("update")
-            bad = T.nonfinite_tensor(model, loss.detach())
+            bad = tg.nonfinite_tensor(model, loss.detach())
             marks.mark("bookkeeping")
             if bad:
-                raise T.TrainingDiverged(f"benchmark step of {c}: non-finite {bad}")
+                raise tg.TrainingDiverged(f"benchmark step of {c}: non-finite {bad}")
 
         rec = run_steps(step, device, args.warmup, args.steps, CLOCKS[args.clock])
         with torch.no_grad():  # a head at its cap, so that logits (and the check) are not ~0 after few steps
-            model.head.copy_(torch.nn.init.orthogonal_(torch.empty_like(model.head)) * ccfg.head_w_max * T.rms_scale(model.head))
+            model.head.copy_(torch.nn.init.orthogonal_(torch.empty_like(model.head)) * ccfg.head_w_max * tg.rms_scale(model.head))
         check = loss_check(model, fwd, autocast_ctx, *batches[0])
         s = summarize(f"ours {c} {cfg.dtype}" + (" compiled" if compile_ else ""), rec, tokens, fpt, ceiling, device, check)
         s.update(kind="ours", constraint=c, dtype=cfg.dtype)
@@ -305,7 +297,7 @@ def bench_ours(cfg: T.Config, constraints: list[str], rows: int, device, compile
     return results
 
 
-def bench_plain(cfg: T.Config, dtypes: list[str], rows: int, device, compile_: bool, args, fpt, ceilings) -> list[dict]:
+def bench_plain(cfg: tg.Config, dtypes: list[str], rows: int, device, compile_: bool, args, fpt, ceilings) -> list[dict]:
     torch.manual_seed(cfg.seed)
     model = PlainGPT(cfg).to(device)
     fwd = torch.compile(model) if compile_ else model
@@ -388,7 +380,7 @@ def targets(results: list[dict], dtype: str) -> list[str]:
                      f"target <= {100 * TARGET_OPT_FRACTION:.0f}%: {'ok' if frac <= TARGET_OPT_FRACTION else 'MISSED'})")
         lines.append(": ".join([parts[0], ", ".join(parts[1:])]))
     if dtype != "bf16":
-        lines.append("(the issue's targets are for our bf16 step; this run used --dtype " + dtype + ")")
+        lines.append("(the targets are for our bf16 step; this run used --dtype " + dtype + ")")
     return lines
 
 
@@ -397,7 +389,7 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "shakespeare_char.toml"), help="TOML config of the model and batch")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype of our step")
     ap.add_argument("--plain_dtypes", default="fp32,bf16", help="comma-separated dtypes of the plain recipe ('' for none)")
-    ap.add_argument("--constraints", default=DEFAULT_CONSTRAINTS, help=f"comma-separated constraints of our step, from {T.CONSTRAINTS_DOC}")
+    ap.add_argument("--constraints", default=DEFAULT_CONSTRAINTS, help=f"comma-separated constraints of our step, from {tg.CONSTRAINTS_DOC}")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cold power iteration)")
     ap.add_argument("--batch", type=int, default=0, help="rows of seq_len tokens per step (default: micro_batch_tokens / seq_len)")
@@ -411,9 +403,9 @@ def parse_args(argv=None):
     if args.steps < 1 or args.warmup < 0 or args.batch < 0:
         ap.error(f"--steps must be >= 1 and --warmup, --batch >= 0; got {args.steps}, {args.warmup}, {args.batch}")
     args.constraints = [c for c in args.constraints.split(",") if c]
-    bad = [c for c in args.constraints if c not in T.CONSTRAINTS]
+    bad = [c for c in args.constraints if c not in tg.CONSTRAINTS]
     if bad:
-        ap.error(f"unknown constraint(s) {', '.join(bad)}; choose from {T.CONSTRAINTS_DOC}")
+        ap.error(f"unknown constraint(s) {', '.join(bad)}; choose from {tg.CONSTRAINTS_DOC}")
     args.plain_dtypes = [d for d in args.plain_dtypes.split(",") if d]
     bad = [d for d in args.plain_dtypes if d not in DTYPES]
     if bad:
@@ -437,13 +429,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        cfg = T.parse_config(["--config", args.config, "--dtype", args.dtype, "--device", str(device)])
-    except T.ConfigError as e:
+        cfg = tg.parse_config(["--config", args.config, "--dtype", args.dtype, "--device", str(device)])
+    except tg.ConfigError as e:
         sys.exit(f"error: {e}")
     rows = args.batch or cfg.micro_batch_tokens // cfg.seq_len
     tokens = rows * cfg.seq_len
     fpt = flops_per_token(cfg)
-    print(T.system_info())
+    print(tg.system_info())
     print(f"device {device}, torch threads {torch.get_num_threads()}, compile {args.compile}, clock {args.clock}")
     print(f"config {args.config}: d {cfg.d_model}, layers {cfg.n_layer}, heads {cfg.n_head}, context {cfg.seq_len}, "
           f"vocab {cfg.vocab_size}; batch {rows} x {cfg.seq_len} = {tokens} tokens per step; "
@@ -462,7 +454,7 @@ def main(argv=None):
         results += bench_ours(cfg, args.constraints, rows, device, args.compile, args, fpt, ceilings[args.dtype])
     if args.plain_dtypes:
         results += bench_plain(cfg, args.plain_dtypes, rows, device, args.compile, args, fpt, ceilings)
-    print("\ntargets (the issue's: CPU, Shakespeare, batch 64 x 256):")
+    print("\ntargets (CPU, Shakespeare, batch 64 x 256):")
     for line in targets(results, args.dtype):
         print("  " + line)
     bad = [s["name"] for s in results if not s["loss_ok"]]

@@ -6,9 +6,9 @@
 One row per setting; runs that differ only in seed (and in run-time keys such as out_dir or device)
 are one row showing mean +- sample std over seeds. Per run it reads config.json, the last eval
 line of metrics.jsonl (val_loss, val_acc, max_act_entry, step, and slice_val_loss when the run scored
-the reference code's validation slice) and certificate.json, the
-output of `python lipschitz_bound.py RUN/ckpt_final.pt --mode all --json`. With --certify a missing
-certificate.json is computed from ckpt_final.pt (lipschitz_bound.certify_checkpoint) and saved.
+the reference code's validation slice) and certificate.json, which train_gpt.py saves next to
+ckpt_final.pt (what `python lipschitz_bound.py RUN/ckpt_final.pt --mode all --json` prints). With
+--certify a run without one (written by an older train_gpt.py) is certified and the file saved.
 
 Columns: bound paper = the published certificate algorithm (not a sound upper bound with several
 heads, see lipschitz_bound.py); bound tight = the sound per-head certificate. Both are written
@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 # are repetitions of one setting.
 RUNTIME_KEYS = {"seed", "run_name", "out_dir", "resume", "device", "compile", "debug", "wandb", "wandb_project",
                 "eval_every", "log_every", "save_every", "keep_last", "train_bin", "val_bin"}
-CERT_FILE = "certificate.json"
+CERT_FILE = "certificate.json"  # train_gpt.CERTIFICATE_FILE, not imported: reading a table needs no torch
 CERT_MODES = ("paper", "tight")
 
 
@@ -46,15 +46,6 @@ def _read_json(path: str):
 def _float(x) -> float:
     """JSON numbers, or the strings 'inf' / 'nan' lipschitz_bound writes for non-finite values."""
     return float(x) if x is not None else math.nan
-
-
-def certify_run(run_dir: str) -> dict:
-    """Compute the certificate of run_dir/ckpt_final.pt (all modes) and save it as certificate.json."""
-    import lipschitz_bound
-    from train_gpt import atomic_write_bytes
-    cert = lipschitz_bound.certify_checkpoint(os.path.join(run_dir, "ckpt_final.pt"), mode="all")
-    atomic_write_bytes(os.path.join(run_dir, CERT_FILE), json.dumps(lipschitz_bound._jsonable(cert)).encode())
-    return cert
 
 
 def cert_log10(cert: dict | None, mode: str) -> float:
@@ -88,7 +79,8 @@ def load_run(run_dir: str, certify: bool = False) -> dict:
     if os.path.isfile(cert_path):
         cert = _read_json(cert_path)
     elif certify and finished:
-        cert = certify_run(run_dir)
+        from train_gpt import save_certificate  # what the trainer runs after its final checkpoint
+        cert = save_certificate(run_dir)
     return {"dir": run_dir, "config": cfg, "final": final, "finished": finished,
             "log10_bound": {m: cert_log10(cert, m) for m in CERT_MODES}}
 

@@ -3,7 +3,7 @@
 # Muon x soft_cap over w_max x softmax_scale x final_scale, Muon x {spectral_normalize, hard_cap} over
 # w_max, AdamW + spectral_hammer and AdamW + weight_decay, the unconstrained Lipschitz architecture,
 # the baseline architecture, a learning-rate check and a second seed for the points that matter; then
-# every certificate, the results table and the frontier plots.
+# the results table (with each run's certificate, which the trainer saves) and the frontier plots.
 #
 #   scripts/shakespeare_frontier.sh --full --jobs 12      # the paper's protocol (GPU: ~1 min a run)
 #   scripts/shakespeare_frontier.sh --short               # reduced protocol for 2 CPU cores (not the paper's numbers)

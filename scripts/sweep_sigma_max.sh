@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train one config over a grid of sigma_max (w_max) values, constraints and seeds, one run directory
-# each, then certify every checkpoint and write the results table and the frontier plot.
+# each, then the results table (with each run's certificate, which the trainer saves) and the frontier plot.
 #
 #   scripts/sweep_sigma_max.sh --config configs/shakespeare_char.toml --w_max "1 2 4"
 #   scripts/sweep_sigma_max.sh --config configs/shakespeare_char.toml --w_max "1 2 4 8" \
@@ -25,7 +25,7 @@
 #
 # Re-running the same command fills gaps: a run with ckpt_final.pt is skipped, an interrupted run with
 # a ckpt_step*.pt is resumed (--resume latest), and a run directory holding neither stops the sweep
-# (train_gpt.py never overwrites a run). Certificates are saved as DIR/<run>/certificate.json, the table
+# (train_gpt.py never overwrites a run). Each run's certificate is DIR/<run>/certificate.json, the table
 # as DIR/results.md, the plot as DIR/frontier.png.
 set -euo pipefail
 

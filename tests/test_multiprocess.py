@@ -1,4 +1,4 @@
-"""Multi-process training on CPU with gloo (issue 6): 2 and 3 ranks against 1 process.
+"""Multi-process training on CPU with gloo: 2 and 3 ranks against 1 process.
 
 Every rank runs train_gpt.main in its own process (forked from a forkserver, see proc_helpers)
 with the variables torchrun sets. --debug makes every step and every eval check that all ranks

@@ -1,4 +1,4 @@
-"""Reliability of the trainer (issue 6): exact resume, no lost runs, clear errors.
+"""Reliability of the trainer: exact resume, no lost runs, clear errors.
 
 One process on CPU in fp32 with a tiny model; most runs call train_gpt.main in this process,
 the signal and kill -9 tests run it in child processes (tests/proc_helpers.py).
@@ -151,7 +151,7 @@ def test_signal_to_a_training_process(sig, data, tmp_path):
 def test_keep_last(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert go(capsys, data, out, num_steps=5, save_every=1, keep_last=2)[0] == 0
-    assert sorted(os.listdir(out)) == ["ckpt_final.pt", "ckpt_step000003.pt", "ckpt_step000004.pt",
+    assert sorted(os.listdir(out)) == ["certificate.json", "ckpt_final.pt", "ckpt_step000003.pt", "ckpt_step000004.pt",
                                        "config.json", "log.txt", "metrics.jsonl"]
 
 

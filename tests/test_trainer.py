@@ -1,4 +1,4 @@
-"""The trainer (issue 2): config, model invariants, Muon's update norm, constraints after steps,
+"""The trainer: config, model invariants, Muon's update norm, constraints after steps,
 a short real-data run."""
 
 import math
