@@ -57,8 +57,8 @@ import time
 import torch
 
 from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope, attn_out_factor,
-                       config_from_checkpoint, load_checkpoint, load_val_tokens, residual_coeffs, rms_scale,
-                       rope_tables, spectral_norm_exact)
+                       attn_scale, config_from_checkpoint, load_checkpoint, load_val_tokens, named_matrices,
+                       residual_coeffs, rms_scale, rope_tables, spectral_norm_exact)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -195,21 +195,23 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
     "head": RMS->RMS head norm, "emb": max embedding row RMS}."""
     H, d = cfg.n_head, cfg.d_model
     dh = d // H
-    emb = sd["embed.weight"].detach().double()
-    emb_rms = float(emb.pow(2).mean(-1).sqrt().max()) * (1 + _gamma(d + 2))
-    norms = {"embed.max_row_rms": emb_rms}
+    with torch.device("meta"):  # parameter names only
+        names = [n for n, _ in GPT(cfg).named_parameters()]
+    mats = dict(named_matrices({n: sd[n].detach().double() for n in names}))
+    norms = {}
+    for key, W in mats.items():  # the keys of train_gpt.matrix_norms, from the same helper
+        if key == "embed.weight":
+            norms["embed.max_row_rms"] = float(W.pow(2).mean(-1).sqrt().max()) * (1 + _gamma(d + 2))
+        else:
+            norms[key] = sigma_upper(W) / rms_scale(W)
     layers = []
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
-        qkv = sd[p + "attn.qkv"].detach().double()
-        Wq, Wk, Wv = qkv[0], qkv[1], qkv[2]
-        Wo = sd[p + "attn.proj"].detach().double()
-        fc, pr = sd[p + "mlp.fc"].detach().double(), sd[p + "mlp.proj"].detach().double()
-        s = {n: sigma_upper(W) for n, W in (("q", Wq), ("k", Wk), ("v", Wv), ("o", Wo))}
-        fc_rr, pr_rr = sigma_upper(fc) / rms_scale(fc), sigma_upper(pr) / rms_scale(pr)
-        for n in "qkv":
-            norms[f"{p}attn.{n}"] = s[n]  # square: RMS->RMS = sigma
-        norms[p + "attn.proj"], norms[p + "mlp.fc"], norms[p + "mlp.proj"] = s["o"], fc_rr, pr_rr
+        Wq, Wk, Wv, Wo = (mats[p + k] for k in ("attn.q", "attn.k", "attn.v", "attn.proj"))
+        fc, pr = mats[p + "mlp.fc"], mats[p + "mlp.proj"]
+        # square matrices: RMS->RMS norm = sigma
+        s = {n: norms[p + k] for n, k in (("q", "attn.q"), ("k", "attn.k"), ("v", "attn.v"), ("o", "attn.proj"))}
+        fc_rr, pr_rr = norms[p + "mlp.fc"], norms[p + "mlp.proj"]
         heads = []
         for h in range(H):
             sl = slice(h * dh, (h + 1) * dh)
@@ -222,9 +224,8 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
                           "Wo_h": Wo[:, sl], "Wv_h": Wv[sl], "P_err": perr})
         layers.append({"sigma": s, "fc": fc_rr, "proj": pr_rr, "heads": heads, "W_in": fc, "W_out": pr, "W_q": Wq,
                        "mlp_mid": mlp_midpoint_norm(fc, pr, *residual_coeffs(cfg))})
-    head = sd["head"].detach().double()
-    norms["head"] = sigma_upper(head) / rms_scale(head)
-    return {"norms": norms, "layers": layers, "head": norms["head"], "emb": emb_rms, "exact_rope": exact_rope}
+    return {"norms": norms, "layers": layers, "head": norms["head"], "emb": norms["embed.max_row_rms"],
+            "exact_rope": exact_rope}
 
 
 def mlp_midpoint_norm(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> float:
@@ -371,7 +372,7 @@ def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) ->
     kappa (m_A + m_B) with m_A >= max_delta sigma(M_delta L) (query perturbed), m_B >= max_delta
     sigma(L^T M_delta) (keys perturbed), M_delta = W_q^h^T R_delta W_k^h; heads added as in _attn_tight."""
     H, s = cfg.n_head, layer["sigma"]
-    kappa = cfg.softmax_scale / (cfg.d_model // H)
+    kappa = attn_scale(cfg)
     PL, PLe, log_rv, log_g, log_rk, sk = [], [], [], [], [], []
     for h in layer["heads"]:
         VL, eV = _mm(h["Wv_h"], L)

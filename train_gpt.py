@@ -738,7 +738,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
-        self.max_stretch = ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)
+        self.max_stretch = max_update_norm(1.0, ns_steps)  # the largest update norm per unit lr
         self.mark = None  # optional timer hook: mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
@@ -958,7 +958,7 @@ def lr_shares(model, cfg: Config) -> dict:
     if cfg.lr_alloc == "uniform":
         return {}
     sh = modula_shares(cfg)
-    return {p: torch.tensor([sh[name[:-3] + n] for n in "qkv"] if name.endswith("attn.qkv") else sh[name])
+    return {p: torch.tensor([sh[k] for k, _ in named_matrices({name: p})]).view(p.shape[:-2])
             for name, p in model.named_parameters()}
 
 
@@ -1708,8 +1708,7 @@ def restore(ck: dict, path: str, model: GPT, mat_opt: MatrixOptimizer, adam, loa
         mat_opt.load_full_state_dict(ck["optimizers"]["matrix"])
         for p, st in mat_opt.state.items():
             for k, t in st.items():
-                want = tuple(p.shape[:-2]) + (p.size(-1),) if k == "v" else tuple(p.shape)
-                if torch.is_tensor(t) and tuple(t.shape) != want:
+                if torch.is_tensor(t) and tuple(t.shape) != MatrixOptimizer._entry_layout(k, p)[0]:
                     raise ValueError(f"optimizer state '{k}' of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
         if adam is not None:
             adam.load_state_dict(ck["optimizers"]["adam"])
@@ -1939,8 +1938,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, RanksD
 def main(argv=None) -> int:
     """Command-line entry: every expected failure is one line 'error: ...' on stderr and exit code 2."""
     try:
-        cfg = parse_config(argv)
-        out = train(cfg)
+        train(parse_config(argv))  # returns the final metrics, or where a signal stopped it: both exit 0
     except USER_ERRORS as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -1950,7 +1948,7 @@ def main(argv=None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0 if out else 1
+    return 0
 
 
 if __name__ == "__main__":

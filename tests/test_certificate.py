@@ -347,7 +347,8 @@ def test_mlp_with_skip_bound_is_exact_where_the_midpoint_cancels(arch):
 @pytest.mark.parametrize("arch", ["lipschitz", "plain_residual"])
 def test_mlp_with_skip_gain_is_exact_where_the_midpoint_cancels(arch):
     """Activation bound after the planted MLP: sigma(A) + branch/(2c) |W_out||W_in| = skip (gelu(z) = z/2 +
-    r(z) with |r(z)| <= |z|/2); one large coordinate comes within 1e-9 of it (the old gain: 3 skip)."""
+    r(z) with |r(z)| <= |z|/2); one large coordinate comes within 1e-9 of it (without the midpoint,
+    skip + branch/c |W_out||W_in| = 3 skip)."""
     m, cfg, skip, alpha = planted_mlp_model(arch, n_layer=2)
     cert = lb.certify(m.state_dict(), cfg, "tight")
     row = next(r for r in cert["per_block"] if r["block"] == "attn 1")
