@@ -51,14 +51,15 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 
 import torch
 
-from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope, attn_out_factor,
-                       attn_scale, config_from_checkpoint, load_checkpoint, load_val_tokens, named_matrices,
-                       residual_coeffs, rms_scale, rope_tables, spectral_norm_exact)
+from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope, atomic_save,
+                       attn_out_factor, attn_scale, config_from_checkpoint, load_checkpoint, load_val_tokens,
+                       named_matrices, residual_coeffs, rms_scale, rope_tables, spectral_norm_exact)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -633,6 +634,17 @@ def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, ro
     return out
 
 
+CERTIFICATE_FILE = "certificate.json"  # train_gpt.py saves it next to ckpt_final.pt: every mode, as --json prints it
+
+
+def save_certificate(run_dir: str) -> dict:
+    """Certify run_dir/ckpt_final.pt (every mode) and save the result as run_dir/certificate.json,
+    atomically; returns it."""
+    cert = certify_checkpoint(os.path.join(run_dir, "ckpt_final.pt"))
+    atomic_save(json.dumps(jsonable(cert)).encode(), os.path.join(run_dir, CERTIFICATE_FILE))
+    return cert
+
+
 def summary_line(cert: dict) -> str:
     """One line: tight and paper bounds (number and log10), empirical lower bound if any."""
     if not cert.get("certified", True):
@@ -922,13 +934,14 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """obj with every non-finite float as a string ('inf', 'nan'), so that json.dumps writes strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else str(obj)
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
@@ -979,7 +992,7 @@ def main(argv=None) -> int:
         print(f"error: {a.checkpoint}: {cert['reason']}", file=sys.stderr)
         return 2
     if a.json:
-        print(json.dumps(_jsonable(cert)))
+        print(json.dumps(jsonable(cert)))
         return 0
     print(f"checkpoint {a.checkpoint} (step {cert.get('step')})")
     print(f"map: embedding outputs -> logits; input domain: {cert['domain']}")

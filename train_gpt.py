@@ -566,13 +566,13 @@ def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tens
     nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
     A, Q = C / nu, None
     a, b, c = PE_TAIL
-    steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)
+    steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)  # >= 1: nu > 1
     for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
         P = _mm_add(b * A + a * eye, A, A, 1.0, c)
         Q = P if Q is None else P @ Q
         if i < steps - 1:
             A = P @ (P @ A)
-    return ((eye if Q is None else Q) @ X) / math.sqrt(nu)
+    return (Q @ X) / math.sqrt(nu)
 
 
 def c_hard_cap(M, p):
@@ -738,7 +738,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
-        self.max_stretch = max_update_norm(1.0, ns_steps)  # the largest update norm per unit lr
         self.mark = None  # optional timer hook: mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
@@ -1220,21 +1219,13 @@ def load_val_slice(cfg: Config) -> torch.Tensor:
 # Checkpoints and run files: atomic writes, weights_only loading, checksums
 
 
-def _atomic_write(path: str, write) -> None:
-    """data/shards.py's atomic write (the old file or the new one, never a partial one), failing
-    with a CheckpointError that names the path."""
+def atomic_save(obj, path: str) -> None:
+    """Write bytes as they are, anything else with torch.save, by data/shards.py's atomic write (the
+    old file or the new one, never a partial one); a failed write is a CheckpointError naming path."""
     try:
-        atomic_write(path, write)
+        atomic_write(path, (lambda fh: fh.write(obj)) if isinstance(obj, bytes) else (lambda fh: torch.save(obj, fh)))
     except OSError as e:
         raise CheckpointError(f"{path}: write failed ({e}); the previous file, if any, is untouched") from None
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    _atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class CheckpointError(ValueError):
@@ -1290,20 +1281,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
+    """The saved config of a loaded checkpoint, validated; any fault is a CheckpointError naming path."""
     try:
-        return config_from_dict(ck["config"], f"{path} config")
+        cfg = config_from_dict(ck["config"], f"{path} config")
+        validate_config(cfg)
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{path}: invalid config ({e})") from None
+    return cfg
 
 
 def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, dict]:
     """Rebuild the model of a checkpoint from its saved config; needs nothing else."""
     ck = load_checkpoint(path, map_location)
     cfg = config_from_checkpoint(ck, path)
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: invalid config ({e})") from None
     model = GPT(cfg)
     try:
         model.load_state_dict(ck["model"])
@@ -1335,18 +1325,6 @@ def remove_stale_tmp(run_dir: str) -> list[str]:
         with contextlib.suppress(OSError):
             os.remove(p)
     return stale
-
-
-CERTIFICATE_FILE = "certificate.json"  # next to ckpt_final.pt: every mode of lipschitz_bound.py, as --json prints it
-
-
-def save_certificate(run_dir: str) -> dict:
-    """Certify run_dir/ckpt_final.pt (lipschitz_bound.certify_checkpoint, every mode) and save the
-    result as run_dir/certificate.json, atomically; returns it."""
-    import lipschitz_bound  # the certificate is a standalone script that imports this file
-    cert = lipschitz_bound.certify_checkpoint(os.path.join(run_dir, "ckpt_final.pt"))
-    atomic_write_bytes(os.path.join(run_dir, CERTIFICATE_FILE), json.dumps(lipschitz_bound._jsonable(cert)).encode())
-    return cert
 
 
 def system_info() -> str:
@@ -1734,7 +1712,7 @@ def write_run_files(cfg: Config, run_dir: str, resume_path: str, shape: str):
         with contextlib.suppress(OSError, ValueError), open(cfg_path) as fh:
             old = json.load(fh)
             changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items() if old.get(k) != v]
-    atomic_write_bytes(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+    atomic_save(json.dumps(dataclasses.asdict(cfg), indent=2).encode(), cfg_path)
     logf = open(os.path.join(run_dir, "log.txt"), "a")
     if changed:
         logf.write("config changed on resume: " + "; ".join(changed) + "\n")
@@ -1820,14 +1798,11 @@ class Run:
             sl = evaluate(self.model, self.val_slice, cfg, self.device, self.autocast, self.rows,
                           torch.arange(cfg.val_slice_windows))
             m["slice_val_loss"], m["slice_val_acc"] = sl["val_loss"], sl["val_acc"]
-        m["step"] = step
-        if self.rank == 0:  # float64 norms of every matrix: rank 0 only
-            m["norms"] = matrix_norms(self.model)
+        m["step"], m["train_loss"] = step, train_loss
         if cfg.debug:
             check_ranks_agree(self.model, step, self.device)
-        m["train_loss"] = train_loss
-        if self.rank == 0:
-            n = m["norms"]
+        if self.rank == 0:  # float64 norms of every matrix: rank 0 only
+            m["norms"] = n = matrix_norms(self.model)
             sl = f"slice_val_loss:{m['slice_val_loss']:.4f} " if "slice_val_loss" in m else ""
             self.log(f"step:{step}/{cfg.num_steps} val_loss:{m['val_loss']:.4f} val_acc:{m['val_acc']:.4f} {sl}"
                      f"max_act_entry:{m['max_act_entry']:.4g} max_act_rms:{m['max_act_rms']:.4g} "
@@ -1854,7 +1829,7 @@ class Run:
                 if kind == "final" and os.path.exists(path):
                     raise CheckpointError(f"{path} exists; not overwriting it")
                 obj["checksum"] = content_checksum(obj)
-                atomic_torch_save(obj, path)
+                atomic_save(obj, path)
                 for old in list_checkpoints(self.run_dir)[: -cfg.keep_last] if kind == "step" else []:
                     os.remove(old)
         self.last_ckpt, self.last_saved_step = path, step
@@ -1875,7 +1850,7 @@ class Run:
         self.log(f"done in {time.perf_counter() - t0:.1f}s ({train_s:.1f}s training); checkpoint {final}")
         if self.rank == 0:
             import lipschitz_bound  # the certificate is a standalone script that imports this file
-            metrics["certificate"] = save_certificate(self.run_dir)
+            metrics["certificate"] = lipschitz_bound.save_certificate(self.run_dir)
             self.log(lipschitz_bound.summary_line(metrics["certificate"]))
         if self.logf:
             self.logf.close()

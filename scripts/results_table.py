@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 # are repetitions of one setting.
 RUNTIME_KEYS = {"seed", "run_name", "out_dir", "resume", "device", "compile", "debug", "wandb", "wandb_project",
                 "eval_every", "log_every", "save_every", "keep_last", "train_bin", "val_bin"}
-CERT_FILE = "certificate.json"  # train_gpt.CERTIFICATE_FILE, not imported: reading a table needs no torch
+CERT_FILE = "certificate.json"  # lipschitz_bound.CERTIFICATE_FILE, not imported: reading a table needs no torch
 CERT_MODES = ("paper", "tight")
 
 
@@ -79,7 +79,7 @@ def load_run(run_dir: str, certify: bool = False) -> dict:
     if os.path.isfile(cert_path):
         cert = _read_json(cert_path)
     elif certify and finished:
-        from train_gpt import save_certificate  # what the trainer runs after its final checkpoint
+        from lipschitz_bound import save_certificate  # what the trainer runs after its final checkpoint
         cert = save_certificate(run_dir)
     return {"dir": run_dir, "config": cfg, "final": final, "finished": finished,
             "log10_bound": {m: cert_log10(cert, m) for m in CERT_MODES}}

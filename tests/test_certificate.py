@@ -244,7 +244,7 @@ def test_deep_wide_bound_stays_in_log_space():
     cert = lb.certify(m.state_dict(), cfg, "all")
     assert cert["log10_bound"] > 320 and cert["bound"] is None
     assert "10^" in lb.summary_line(cert)
-    json.dumps(lb._jsonable(cert), allow_nan=False)
+    json.dumps(lb.jsonable(cert), allow_nan=False)
 
 
 # ---- the Jacobian searches: every reported value is a lower bound
@@ -458,8 +458,8 @@ def test_ellipsoid_softmax_bounds_reduce_to_the_scalar_ones_on_a_ball():
 
 
 def save_ckpt(m, cfg, path):
-    tg.atomic_torch_save({"model": m.state_dict(), "config": tg.dataclasses.asdict(cfg), "step": 0,
-                          "format_version": 1}, str(path))
+    tg.atomic_save({"model": m.state_dict(), "config": tg.dataclasses.asdict(cfg), "step": 0,
+                    "format_version": 1}, str(path))
 
 
 def run_cli(*args):
