@@ -202,7 +202,7 @@ def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config
     return cfg
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def parse_config(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         description="Train a GPT with enforced Lipschitz constants (Newhouse et al. 2025). "
         "Settings: command line > --config file > these defaults (the paper's 145M run).",
@@ -210,11 +210,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
     for f in fields(Config):
         p.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    args = build_arg_parser().parse_args(argv)
+    args = p.parse_args(argv)
     cfg = Config()
     if args.config:
         if not os.path.isfile(args.config):
@@ -515,19 +511,17 @@ def c_soft_cap(M, p):
 # singular values), and the only m x n products are G and the final C^{-1/2} X.
 HARD_CAP_TOL = 1e-3        # relative accuracy the step counts below are derived for
 HARD_CAP_PASS_RANGE = 2.0  # one pass handles sigma_max <= 2 cap; larger inputs get a cascade
-_STEPS_CACHE: dict[float, int] = {}
 
 
+@functools.cache
 def _sign_steps(norm_bound: float) -> int:
     """Polar Express steps for sign(B) with eigenvalues |b| <= norm_bound: a wrong sign fraction e
     at b moves the output singular value by ~ e |b| / 4, so require e(x) x <= TOL / norm_bound."""
-    if norm_bound not in _STEPS_CACHE:
-        x = np.logspace(-12, 0, 4000) / PE_SAFETY
-        steps = 1
-        while (np.abs(1 - quintic_composite(x, ns_coefficients(steps))[0]) * x).max() > HARD_CAP_TOL / norm_bound:
-            steps += 1
-        _STEPS_CACHE[norm_bound] = steps
-    return _STEPS_CACHE[norm_bound]
+    x = np.logspace(-12, 0, 4000) / PE_SAFETY
+    steps = 1
+    while (np.abs(1 - quintic_composite(x, ns_coefficients(steps))[0]) * x).max() > HARD_CAP_TOL / norm_bound:
+        steps += 1
+    return steps
 
 
 def _inv_sqrt_steps(s_min: float) -> int:
@@ -738,7 +732,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
-        self.mark = None  # optional timer hook: mark("update") before each projection, mark("constraint") after
+        self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
         """Params of a group by shape, in a fixed order (a 3-D param is a stack of matrices)."""
@@ -775,9 +769,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     if group["constraint"] in NEEDS_POWER_ITERATION:
                         new_v = [v.clone() for v in gather_owned(params, new_v, *self._entry_layout("v", params[0]))]
                 torch._foreach_copy_(params, new_w)
-                if new_v:
-                    for p, v in zip(params, new_v):
-                        self.state[p]["v"] = v
+                for p, v in zip(params, new_v):  # power-iteration vectors: empty unless the constraint needs them
+                    self.state[p]["v"] = v
                 pid += len(params)
 
     @staticmethod
@@ -793,7 +786,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _update(self, params, group, ids):
         lr = self._lr(params, group["lr"])
-        W = torch.stack([p for p in params]).float()
+        W = torch.stack(params).float()
         G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
         states = [self.state[p] for p in params]
         if self.kind == "muon":
@@ -811,21 +804,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 W.add_(upd, alpha=-step)
         else:  # adamw: the decay is the constraint 'weight_decay'
             b1, b2 = self.betas
-            for s, g in zip(states, G):
-                if "exp_avg" not in s:
-                    s["exp_avg"], s["exp_avg_sq"], s["t"] = torch.zeros_like(g), torch.zeros_like(g), 0
-            m = torch.stack([s["exp_avg"] for s in states]).lerp_(G, 1 - b1)
-            v2 = torch.stack([s["exp_avg_sq"] for s in states]).mul_(b2).addcmul_(G, G, value=1 - b2)
-            t = states[0]["t"] + 1
+            m = self._stacked_state(states, "exp_avg", G).lerp_(G, 1 - b1)
+            v2 = self._stacked_state(states, "exp_avg_sq", G).mul_(b2).addcmul_(G, G, value=1 - b2)
+            t = states[0].get("t", 0) + 1
             upd = (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + self.eps)
-            for s, mi, vi in zip(states, m, v2):
-                s["exp_avg"], s["exp_avg_sq"], s["t"] = mi, vi, t
+            for s in states:
+                s["t"] = t
             W = W - lr * upd
-        if self.mark:
-            self.mark("update")
+        self.mark("update")
         out = self._project(W, params, states, group, ids, lr)
-        if self.mark:
-            self.mark("constraint")
+        self.mark("constraint")
         return out
 
     @staticmethod
@@ -941,8 +929,7 @@ def _allocate(n, t: float, out: dict) -> None:
         total = _mass(n)
         for i, c in enumerate(n[1]):
             after = math.prod(_sensitivity(d) for d in n[1][i + 1:]) if n[0] == "seq" else 1.0
-            if _mass(c) > 0:
-                _allocate(c, t * _mass(c) / total / after, out)
+            _allocate(c, t * _mass(c) / total / after, out)
 
 
 def modula_shares(cfg: Config) -> dict[str, float]:
@@ -999,7 +986,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = nn.Parameter(torch.empty(3, cfg.d_model, cfg.d_model))  # W_q, W_k, W_v: (d_out, d_in)
         self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_model))
-        self.track_max_logit = False
+        self.track_max_logit = cfg.qk_clip_tau > 0  # QK-Clip reads max_logit after each training step
         self.register_buffer("max_logit", torch.zeros(cfg.n_head), persistent=False)
 
     def forward(self, x, cos, sin):
@@ -1303,6 +1290,7 @@ def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, d
 
 
 CKPT_STEP_PREFIX = "ckpt_step"  # periodic checkpoints are ckpt_step<N>.pt, N zero-padded to 6 digits
+FINAL_CKPT = "ckpt_final.pt"    # weights and config at the end of a run; its presence marks the run finished
 
 
 def step_of(path: str) -> int:
@@ -1435,8 +1423,7 @@ def qk_clip(model: GPT, tau: float) -> int:
         D = att.head_dim
         for h in torch.nonzero(S > tau).flatten().tolist():
             g = math.sqrt(tau / float(S[h]))
-            att.qkv[0, h * D:(h + 1) * D].mul_(g)
-            att.qkv[1, h * D:(h + 1) * D].mul_(g)
+            att.qkv[:2, h * D:(h + 1) * D].mul_(g)  # W_q and W_k rows of head h
             n += 1
         att.max_logit.zero_()
     return n
@@ -1647,8 +1634,8 @@ def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
         if not cfg.out_dir and not cfg.run_name:
             raise ConfigError("--resume latest needs --run_name or --out_dir of the run to continue")
         run_dir = cfg.out_dir or os.path.join("logs", cfg.run_name)
-        if os.path.exists(os.path.join(run_dir, "ckpt_final.pt")):
-            raise ConfigError(f"--resume latest: {run_dir} holds ckpt_final.pt: that run has finished")
+        if os.path.exists(os.path.join(run_dir, FINAL_CKPT)):
+            raise ConfigError(f"--resume latest: {run_dir} holds {FINAL_CKPT}: that run has finished")
         ckpts = list_checkpoints(run_dir)
         if not ckpts:  # first launch, or killed before its first checkpoint: (re)start the run
             cfg.run_name = cfg.run_name or os.path.basename(os.path.normpath(run_dir))
@@ -1668,8 +1655,8 @@ def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
         raise CheckpointError(f"{resume_path}: holds no optimizer state or step (a final checkpoint?); resume from a ckpt_step*.pt")
     if ck["step"] > cfg.num_steps:
         raise ConfigError(f"--resume {resume_path}: the checkpoint is at step {ck['step']}, past --num_steps {cfg.num_steps}")
-    if os.path.exists(os.path.join(run_dir, "ckpt_final.pt")):
-        raise ConfigError(f"{run_dir} holds ckpt_final.pt: that run has finished. To train on from {resume_path}, "
+    if os.path.exists(os.path.join(run_dir, FINAL_CKPT)):
+        raise ConfigError(f"{run_dir} holds {FINAL_CKPT}: that run has finished. To train on from {resume_path}, "
                           "also pass a new --out_dir")
     newer = [p for p in list_checkpoints(run_dir) if step_of(p) > ck["step"]]
     if newer:
@@ -1762,8 +1749,6 @@ class Run:
                                             f"rows_per_micro:{self.rows} resume:{self.resume_path or '-'}")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
                                        enabled=cfg.dtype == "bf16")
-        for b in self.model.blocks:
-            b.attn.track_max_logit = cfg.qk_clip_tau > 0
         self.fwd = torch.compile(self.model) if (cfg.compile and device.type == "cuda") else self.model
         if rank == 0:
             print(f"run dir {self.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
@@ -1823,7 +1808,7 @@ class Run:
                                  "adam": self.adam.state_dict() if self.adam is not None else {}}
             obj["loader"] = self.loader.state_dict()
             obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
-        path = os.path.join(self.run_dir, f"{CKPT_STEP_PREFIX}{step:06d}.pt" if kind == "step" else "ckpt_final.pt")
+        path = os.path.join(self.run_dir, f"{CKPT_STEP_PREFIX}{step:06d}.pt" if kind == "step" else FINAL_CKPT)
         with agreed_errors(self.device, os_error=f"{self.run_dir}: cannot prune old checkpoints"):
             if self.rank == 0:
                 if kind == "final" and os.path.exists(path):
