@@ -57,9 +57,10 @@ import time
 
 import torch
 
-from train_gpt import (GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope, atomic_save,
-                       attn_out_factor, attn_scale, config_from_checkpoint, load_checkpoint, load_val_tokens,
-                       named_matrices, residual_coeffs, rms_scale, rope_tables, spectral_norm_exact)
+from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope,
+                       atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
+                       load_checkpoint, load_val_tokens, named_matrices, residual_coeffs, rms_scale, rope_tables,
+                       spectral_norm_exact, validate_config)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -167,11 +168,14 @@ def head_qk_bound(Wq_h: torch.Tensor, Wk_h: torch.Tensor, seq_len: int, exact_ro
 
 
 def _config(config) -> "object":
+    """A Config as it is; a dict (a checkpoint's saved config) parsed and validated."""
     if isinstance(config, dict):
         try:
-            return config_from_checkpoint({"config": config}, "config")
-        except CheckpointError as e:
+            cfg = config_from_dict(config, "config")
+            validate_config(cfg)
+        except ConfigError as e:
             raise CertificateError(str(e)) from None
+        return cfg
     return config
 
 
@@ -179,6 +183,11 @@ def _check_state(sd: dict, cfg) -> None:
     """The state dict has exactly the tensors (names and shapes) of GPT(cfg), all finite."""
     with torch.device("meta"):  # shapes only, no memory
         want = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise CertificateError(f"state dict has tensors GPT(cfg) does not ({', '.join(extra[:3])}"
+                               f"{', ...' if len(extra) > 3 else ''}): not a checkpoint of this config; "
+                               "certify a checkpoint written by train_gpt.py")
     for k, shape in want.items():
         if k not in sd:
             raise CertificateError(f"state dict has no '{k}': not a checkpoint of this config (n_layer={cfg.n_layer}); "
@@ -229,17 +238,21 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
             "exact_rope": exact_rope}
 
 
-def mlp_midpoint_norm(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> float:
-    """Upper bound on sigma(A), A = skip I + (branch / (2 GELU_MAX_SLOPE)) W_out W_in: the MLP sub-block
-    with its skip at the midpoint 1/2 of gelu's slope range (docs/certificate.md, section 4, "MLP with
-    its skip"). A is d x d, so sigma is its RMS->RMS norm."""
+def mlp_midpoint(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> tuple[torch.Tensor, float]:
+    """A = skip I + (branch / (2 GELU_MAX_SLOPE)) W_out W_in, the MLP sub-block with its skip at the
+    midpoint 1/2 of gelu's slope range (docs/certificate.md, section 4, "MLP with its skip"), in float64,
+    and a bound on the l2 distance of the computed A from the exact one."""
     W_in, W_out = W_in.detach().double(), W_out.detach().double()
     coef = branch / (2 * GELU_MAX_SLOPE)
     A = coef * (W_out @ W_in)
     A.diagonal().add_(skip)
     # fl(W_out W_in) is within _product_err of the product; scaling and adding skip round each entry once more
-    err = coef * _product_err(W_out, W_in) + 2 * UNIT_ROUNDOFF * float(A.norm())
-    return sigma_upper(A, err)
+    return A, coef * _product_err(W_out, W_in) + 2 * UNIT_ROUNDOFF * float(A.norm())
+
+
+def mlp_midpoint_norm(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> float:
+    """Upper bound on sigma(A) of mlp_midpoint; A is d x d, so sigma is its RMS->RMS norm."""
+    return sigma_upper(*mlp_midpoint(W_in, W_out, skip, branch))
 
 
 def _log_concat_sigma(heads: list, log_w: list) -> float:
@@ -356,10 +369,7 @@ def ellipsoid_mlp(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
     ZL, e = _mm(W_in, L)
     z = sigma_upper(ZL, e)
     wo_err = 2 * UNIT_ROUNDOFF * float(W_out.norm())
-    A, eA = _mm(W_out, W_in)
-    A = A * (branch / (2 * cg))
-    A.diagonal().add_(skip)
-    eA = eA * branch / (2 * cg) + 2 * UNIT_ROUNDOFF * float(A.norm())
+    A, eA = mlp_midpoint(W_in, W_out, skip, branch)
     AL, e = _mm(A, L, eA)
     mid = _ellipsoid_of_sum([(AL, e), (branch * z / (2 * cg) * W_out, branch * z / (2 * cg) * wo_err)])
     plain = _ellipsoid_of_sum([(skip * L, 2 * UNIT_ROUNDOFF * skip * float(L.norm())),
@@ -414,7 +424,8 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     given L, in the ellipsoid E(L), which adds the softmax bounds of _attn_soft_ellipsoid)."""
     H, heads, s = cfg.n_head, layer["heads"], layer["sigma"]
     log_f = math.log(attn_out_factor(cfg))
-    log_c = [_log(2 * cfg.softmax_scale * H) + 2 * log_a + _log(h["m_qk"]) for h in heads]  # softmax terms
+    log_2kd = _log(2 * attn_scale(cfg) * cfg.d_model)  # 2 kappa d = 2 s n_head for kappa = s / d_head
+    log_c = [log_2kd + 2 * log_a + _log(h["m_qk"]) for h in heads]  # softmax terms
     log_1c = [_log1p_exp(c) for c in log_c]
     log_ov = [_log(h["sigma_ov"]) for h in heads]
     log_v = [_log(h["sigma_v"]) for h in heads]
@@ -429,7 +440,7 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     soft = three(log_c)
     # the heads share one query: sum_h |W_q^h x_t|^2 = |W_q x_t|^2, so by Cauchy-Schwarz over heads the
     # softmax terms add up to 2 s n_head a^2 sigma(W_q) sigma([sigma_k^1 P_1 ... sigma_k^H P_H])
-    soft["shared_query"] = (_log(2 * cfg.softmax_scale * H) + 2 * log_a + _log(s["q"])
+    soft["shared_query"] = (log_2kd + 2 * log_a + _log(s["q"])
                             + _log_concat_sigma(heads, [_log(h["sigma_k"]) for h in heads]))
     if L is not None:
         soft.update({f"ellipsoid_{k}": v for k, v in _attn_soft_ellipsoid(layer, cfg, L, exact_rope).items()})
@@ -634,13 +645,13 @@ def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, ro
     return out
 
 
-CERTIFICATE_FILE = "certificate.json"  # train_gpt.py saves it next to ckpt_final.pt: every mode, as --json prints it
+CERTIFICATE_FILE = "certificate.json"  # train_gpt.py saves it next to FINAL_CKPT: every mode, as --json prints it
 
 
 def save_certificate(run_dir: str) -> dict:
     """Certify run_dir/ckpt_final.pt (every mode) and save the result as run_dir/certificate.json,
     atomically; returns it."""
-    cert = certify_checkpoint(os.path.join(run_dir, "ckpt_final.pt"))
+    cert = certify_checkpoint(os.path.join(run_dir, FINAL_CKPT))
     atomic_save(json.dumps(jsonable(cert)).encode(), os.path.join(run_dir, CERTIFICATE_FILE))
     return cert
 

@@ -8,7 +8,8 @@ are one row showing mean +- sample std over seeds. Per run it reads config.json,
 line of metrics.jsonl (val_loss, val_acc, max_act_entry, step, and slice_val_loss when the run scored
 the reference code's validation slice) and certificate.json, which train_gpt.py saves next to
 ckpt_final.pt (what `python lipschitz_bound.py RUN/ckpt_final.pt --mode all --json` prints). With
---certify a run without one (written by an older train_gpt.py) is certified and the file saved.
+--certify a finished run without one (its process ended between the final checkpoint and the
+certificate) is certified and the file saved.
 
 Columns: bound paper = the published certificate algorithm (not a sound upper bound with several
 heads, see lipschitz_bound.py); bound tight = the sound per-head certificate. Both are written

@@ -524,7 +524,14 @@ def test_checkpoint_cli_json_and_errors(tmp_path, monkeypatch):
     del sd["blocks.0.mlp.fc"]
     with pytest.raises(lb.CertificateError, match="blocks.0.mlp.fc"):
         lb.certify(sd, cfg)
-    sd = m.state_dict()
+    sd = dict(m.state_dict(), **{"blocks.9.mlp.fc": torch.zeros(2, 2)})  # a tensor GPT(cfg) does not have
+    for empirical in (False, True):
+        with pytest.raises(lb.CertificateError, match="blocks.9.mlp.fc"):
+            lb.certify(sd, cfg, empirical=empirical)
+    with pytest.raises(lb.CertificateError) as e:
+        lb.certify(m.state_dict(), dict(tg.dataclasses.asdict(cfg), n_layerz=2))
+    assert str(e.value) == "config: unknown key 'n_layerz' (did you mean n_layer?); see python train_gpt.py --help"
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
     sd["head"][0, 0] = float("nan")
     with pytest.raises(lb.CertificateError, match="non-finite"):
         lb.certify(sd, cfg)
