@@ -39,9 +39,14 @@ class ResultsError(ValueError):
     pass
 
 
-def _read_json(path: str):
-    with open(path) as fh:
-        return json.load(fh)
+def _read_json(path: str, lines: bool = False):
+    """The JSON object of path (lines=True: one per non-empty line); a malformed file is a ResultsError."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("utf-8")
+        return [json.loads(ln) for ln in text.splitlines() if ln.strip()] if lines else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: not valid JSON ({e}); the run's files are damaged") from None
 
 
 def _float(x) -> float:
@@ -69,8 +74,7 @@ def load_run(run_dir: str, certify: bool = False) -> dict:
     if not os.path.isfile(met_path):
         raise ResultsError(f"{run_dir}: no metrics.jsonl (the run has not reached an eval)")
     cfg = _read_json(cfg_path)
-    with open(met_path) as fh:
-        evals = [rec for rec in (json.loads(ln) for ln in fh if ln.strip()) if "val_loss" in rec]
+    evals = [rec for rec in _read_json(met_path, lines=True) if isinstance(rec, dict) and "val_loss" in rec]
     if not evals:
         raise ResultsError(f"{met_path} holds no eval yet (no line with val_loss)")
     final = evals[-1]  # train_gpt also logs training lines; the last eval is the final one
@@ -80,8 +84,11 @@ def load_run(run_dir: str, certify: bool = False) -> dict:
     if os.path.isfile(cert_path):
         cert = _read_json(cert_path)
     elif certify and finished:
-        from lipschitz_bound import save_certificate  # what the trainer runs after its final checkpoint
-        cert = save_certificate(run_dir)
+        import lipschitz_bound  # needs torch: imported only to certify
+        try:
+            cert = lipschitz_bound.save_certificate(run_dir)  # what the trainer runs after its final checkpoint
+        except (lipschitz_bound.CheckpointError, lipschitz_bound.CertificateError) as e:
+            raise ResultsError(f"{run_dir}: cannot certify ({e})") from None
     return {"dir": run_dir, "config": cfg, "final": final, "finished": finished,
             "log10_bound": {m: cert_log10(cert, m) for m in CERT_MODES}}
 

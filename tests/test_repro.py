@@ -263,6 +263,15 @@ def test_results_table_groups_seeds(tmp_path):
     assert "1770 / 0.70B" in table
     with pytest.raises(results_table.ResultsError, match="none of the 1 directories"):
         results_table.load_runs([str(tmp_path / "not_a_run")], warn=lambda m: None)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{bad")
+    (damaged / "metrics.jsonl").write_text('{"val_loss": 1.0}\n')
+    with pytest.raises(results_table.ResultsError, match="config.json: not valid JSON"):
+        results_table.load_run(str(damaged))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "results_table.py"), str(damaged)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
     assert "slice val loss" not in table and all(line.startswith("| repo |") for line in lines[2:])
 
 
