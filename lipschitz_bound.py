@@ -232,8 +232,9 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
                           "sigma_ov": min(so * sv, sigma_upper(Wo[:, sl] @ Wv[sl], perr)),
                           "m_qk": head_qk_bound(Wq[sl], Wk[sl], cfg.seq_len, exact_rope, sq, sk),
                           "Wo_h": Wo[:, sl], "Wv_h": Wv[sl], "P_err": perr})
+        mid = mlp_midpoint(fc, pr, *residual_coeffs(cfg))
         layers.append({"sigma": s, "fc": fc_rr, "proj": pr_rr, "heads": heads, "W_in": fc, "W_out": pr, "W_q": Wq,
-                       "mlp_mid": mlp_midpoint_norm(fc, pr, *residual_coeffs(cfg))})
+                       "mlp_A": mid, "mlp_mid": sigma_upper(*mid)})
     return {"norms": norms, "layers": layers, "head": norms["head"], "emb": norms["embed.max_row_rms"],
             "exact_rope": exact_rope}
 
@@ -241,18 +242,14 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
 def mlp_midpoint(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> tuple[torch.Tensor, float]:
     """A = skip I + (branch / (2 GELU_MAX_SLOPE)) W_out W_in, the MLP sub-block with its skip at the
     midpoint 1/2 of gelu's slope range (docs/certificate.md, section 4, "MLP with its skip"), in float64,
-    and a bound on the l2 distance of the computed A from the exact one."""
+    and a bound on the l2 distance of the computed A from the exact one. A is d x d, so sigma(A) is its
+    RMS->RMS norm (collect_norms keeps both as layer["mlp_A"] and its bound as layer["mlp_mid"])."""
     W_in, W_out = W_in.detach().double(), W_out.detach().double()
     coef = branch / (2 * GELU_MAX_SLOPE)
     A = coef * (W_out @ W_in)
     A.diagonal().add_(skip)
     # fl(W_out W_in) is within _product_err of the product; scaling and adding skip round each entry once more
     return A, coef * _product_err(W_out, W_in) + 2 * UNIT_ROUNDOFF * float(A.norm())
-
-
-def mlp_midpoint_norm(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: float) -> float:
-    """Upper bound on sigma(A) of mlp_midpoint; A is d x d, so sigma is its RMS->RMS norm."""
-    return sigma_upper(*mlp_midpoint(W_in, W_out, skip, branch))
 
 
 def _log_concat_sigma(heads: list, log_w: list) -> float:
@@ -361,7 +358,8 @@ def ellipsoid_attn(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
 
 def ellipsoid_mlp(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
     """Set of skip x + branch W_out gelu(W_in x) / c over x in E(L), the smaller of two containing sets:
-    gelu(z) = z/2 + r(z), |r(z)| <= |z|/2: A x + (branch/c) W_out r with A = skip I + branch/(2c) W_out W_in;
+    gelu(z) = z/2 + r(z), |r(z)| <= |z|/2: A x + (branch/c) W_out r with A = skip I + branch/(2c) W_out W_in
+    (layer["mlp_A"], from mlp_midpoint);
     or |gelu(z)| <= |z|: skip x + (branch/c) W_out g. |z| <= sigma(W_in L)."""
     skip, branch = residual_coeffs(cfg)
     cg = GELU_MAX_SLOPE
@@ -369,7 +367,7 @@ def ellipsoid_mlp(layer: dict, cfg, L: torch.Tensor) -> torch.Tensor:
     ZL, e = _mm(W_in, L)
     z = sigma_upper(ZL, e)
     wo_err = 2 * UNIT_ROUNDOFF * float(W_out.norm())
-    A, eA = mlp_midpoint(W_in, W_out, skip, branch)
+    A, eA = layer["mlp_A"]
     AL, e = _mm(A, L, eA)
     mid = _ellipsoid_of_sum([(AL, e), (branch * z / (2 * cg) * W_out, branch * z / (2 * cg) * wo_err)])
     plain = _ellipsoid_of_sum([(skip * L, 2 * UNIT_ROUNDOFF * skip * float(L.norm())),

@@ -867,7 +867,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                             e[key] = int(t) if key == "t" else t.detach().cpu().clone()
                 for e in entries:
                     out[str(len(out))] = e
-        return {"state": out, "lrs": [g["lr"] for g in self.param_groups]}
+        return {"state": out}
 
     def load_full_state_dict(self, sd: dict) -> None:
         pid = 0
