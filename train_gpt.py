@@ -581,13 +581,16 @@ def c_hard_cap(M, p):
     G = X @ X.mT
     ub = _gram_upper_bound(G).sqrt() * (1 + 1e-3) / w   # sigma_max / w_max, with fp32 slack
     top = float(ub.max())
+    if top <= 1.0:  # every matrix certifiably within the cap: left bitwise unchanged
+        return M
     R = HARD_CAP_PASS_RANGE
     passes = 1 if top <= R else math.ceil(math.log(top) / math.log(R))
     for k in range(1, passes + 1):
         caps = torch.clamp(ub / R**k, min=1.0) if k < passes else torch.ones_like(ub)
         rho = min(top, R * (1 + 2 * HARD_CAP_TOL)) if passes > 1 else top
         X = _hard_cap_pass(X, caps * w, max(rho, 1.0), G if k == 1 else X @ X.mT)
-    return X.mT if tall else X
+    X = X.mT if tall else X
+    return torch.where(ub <= 1.0, M, X.to(M.dtype))  # ub is (..., 1, 1): per matrix of the stack
 
 
 # The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
@@ -619,7 +622,8 @@ def c_stiefel(M, p):
 
 
 def c_svd_clip(M, p):
-    """Exact reference: SVD, clip singular values at w_max, recompose (float64)."""
+    """Exact reference: SVD, clip singular values at w_max, recompose (float64; a matrix within the
+    cap comes back bitwise unchanged, the float64 round trip being far below fp32's rounding)."""
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
     return ((U * S.clamp(max=p.w_max).unsqueeze(-2)) @ Vh).to(M.dtype)
 
@@ -657,9 +661,16 @@ def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: flo
 
 
 def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
-    """Divide each row by max(1, RMS(row) / cap): embedding rows (and a non-spectral head)."""
-    rms = W.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return W / torch.clamp(rms / cap, min=1.0).to(W.dtype)
+    """Each row with RMS above cap scaled to RMS cap (1 - eps of W's dtype); every other row is
+    returned bitwise unchanged: embedding rows (and a non-spectral head).
+
+    Idempotent in floating point: the RMS is taken in float64 and a scaled row lands a rounding
+    margin below the cap (one rounding of W's dtype moves each entry by <= eps / 2), so projecting
+    again finds it within the cap and leaves it alone; rows no token touched never move."""
+    rms = W.double().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    over = rms > cap
+    scaled = (W.double() * (cap * (1 - torch.finfo(W.dtype).eps) / rms)).to(W.dtype)
+    return torch.where(over, scaled, W)
 
 
 def normalize_rows(G: torch.Tensor, max_inflation: float) -> torch.Tensor:
