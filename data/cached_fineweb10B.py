@@ -23,7 +23,9 @@ import argparse
 import os
 import sys
 
-from shards import DataError, read_shard
+if __package__ in (None, ""):  # run as a script (python data/X.py): the repo root makes `data` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import DataError, read_shard  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # the speedrun's dataset repo (modded-nanogpt data/cached_fineweb10B.py)
 REPO_TYPE = "dataset"

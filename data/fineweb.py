@@ -27,7 +27,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from shards import write_shard
+if __package__ in (None, ""):  # run as a script (python data/X.py): the repo root makes `data` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import write_shard  # noqa: E402
 
 EOT = 50256                 # GPT-2's <|endoftext|>
 GPT2_VOCAB = 50257          # ids 0..50256; train_gpt pads the embedding to 50304

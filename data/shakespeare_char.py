@@ -12,9 +12,12 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import urllib.request
 
-from shards import write_shard
+if __package__ in (None, ""):  # run as a script (python data/X.py): the repo root makes `data` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import write_shard  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

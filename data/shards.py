@@ -2,8 +2,8 @@
 
 A shard is the NanoGPT speedrun's .bin layout (modded-nanogpt's data/cached_fineweb10B.py files):
 a header of HEADER_INTS int32 (SHARD_MAGIC, SHARD_VERSION, the token count, then zeros) followed by
-the tokens as uint16. The data scripts import this module as `shards` (it sits next to them); the
-trainer imports it as `data.shards`.
+the tokens as uint16. Everything imports it as `data.shards` (the data scripts, run as scripts, put
+the repo root on sys.path first), so a process holds one DataError.
 """
 
 import contextlib

@@ -40,7 +40,11 @@ def series(rows: list[dict], mode: str, metric: str) -> tuple[dict, list[str]]:
 
 
 def plot(rows: list[dict], path: str, mode: str = "tight", metric: str = "val_loss", title: str = "") -> dict:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ResultsError("the plot needs matplotlib, a runtime requirement: pip install -r requirements.txt "
+                           "(or pip install 'matplotlib>=3.8')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -139,6 +139,10 @@ RUNS=()
 for d in "$OUT"/*/; do [ -f "$d/config.json" ] && RUNS+=("${d%/}"); done
 "$PY" "$REPO/scripts/results_table.py" --certify --out "$OUT/results.md" "${RUNS[@]}" \
   || die "results_table.py failed on $OUT"
-"$PY" "$REPO/scripts/plot_frontier.py" --out "$OUT/frontier.png" "${RUNS[@]}" \
-  || echo "sweep_sigma_max.sh: warning: no frontier plot (no certified run in $OUT)" >&2
-echo "sweep done: $OUT/results.md, $OUT/frontier.png"
+if "$PY" "$REPO/scripts/plot_frontier.py" --out "$OUT/frontier.png" "${RUNS[@]}"; then
+  echo "sweep done: $OUT/results.md, $OUT/frontier.png"
+else
+  echo "sweep_sigma_max.sh: warning: no frontier plot (plot_frontier.py's error is above; re-run it alone once fixed:" \
+       "$PY scripts/plot_frontier.py --out $OUT/frontier.png $OUT/*/)" >&2
+  echo "sweep done: $OUT/results.md (no frontier plot)"
+fi

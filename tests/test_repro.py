@@ -19,15 +19,12 @@ import torch
 
 from conftest import REPO, make_shards, tiny_args
 
-sys.path.insert(0, os.path.join(REPO, "data"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-import cached_fineweb10B  # noqa: E402
-import fineweb  # noqa: E402
 import plot_frontier  # noqa: E402
 import results_table  # noqa: E402
 import sample  # noqa: E402
 import train_gpt  # noqa: E402
-from data import shards  # noqa: E402
+from data import cached_fineweb10B, fineweb, shards  # noqa: E402
 
 TIKTOKEN_CACHE = os.path.join(REPO, "..", "shared", "data", "tiktoken_cache")
 PAPER_CONFIGS = os.path.join(REPO, "configs", "paper")
@@ -336,6 +333,14 @@ def test_toy_sweep_end_to_end(tmp_path):
     # re-running fills gaps only: nothing left to train
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r2.returncode == 0 and r2.stdout.count("finished, skipped") == 2, r2.stdout + r2.stderr
+
+
+def test_frontier_plot_names_its_missing_requirement(tmp_path, monkeypatch):
+    """Without matplotlib the plot says what to install (the sweep prints it and still writes results.md)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(results_table.ResultsError, match=r"needs matplotlib.*pip install -r requirements.txt"):
+        plot_frontier.plot([], str(tmp_path / "f.png"))
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_sweep_fails_fast_with_clear_errors(tmp_path):

@@ -1,22 +1,19 @@
-"""data/shakespeare_char.py: download from a local HTTP stand-in, sha256 check, clear offline error."""
+"""data/shakespeare_char.py: download from a local HTTP stand-in, sha256 check, clear offline error;
+the data scripts' one import path."""
 
 import functools
 import http.server
-import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import threading
 
 import pytest
 
 from conftest import REPO
+from data import shakespeare_char as sc
 from data import shards
-
-sys.path.insert(0, os.path.join(REPO, "data"))  # the data scripts import their sibling shards.py
-_spec = importlib.util.spec_from_file_location("shakespeare_char", os.path.join(REPO, "data", "shakespeare_char.py"))
-sc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sc)
 
 
 @pytest.fixture
@@ -64,3 +61,16 @@ def test_unreachable_source_says_how_to_work_offline(served, tmp_path):
         sc.main(["--input", "", "--url", f"{url}/missing.txt", "--out_dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no such file"):
         sc.main(["--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "x")])
+
+
+def test_data_scripts_share_one_import_path():
+    """Imported as data.X or run as python data/X.py, the data scripts use data.shards: a process
+    holds one DataError (the trainer's), and every script starts as a script."""
+    import train_gpt
+    from data import cached_fineweb10B, fineweb
+    assert cached_fineweb10B.DataError is shards.DataError is train_gpt.DataError
+    assert fineweb.write_shard is sc.write_shard is shards.write_shard
+    for script in ("fineweb.py", "cached_fineweb10B.py", "shakespeare_char.py"):
+        r = subprocess.run([sys.executable, os.path.join(REPO, "data", script), "--help"], capture_output=True, text=True,
+                           cwd=os.path.join(REPO, "data"))
+        assert r.returncode == 0 and "usage:" in r.stdout, script + r.stderr
