@@ -27,7 +27,7 @@ import torch
 
 import train_gpt
 from conftest import REPO, make_shards, tiny_args
-from proc_helpers import join_ranks, run_ranks, start_ranks
+from proc_helpers import free_port, join_ranks, run_ranks, start_ranks
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,34 @@ def test_torchrun_launch(two_vs_one, data, tmp_path):
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert max_diff(weights(out + "/ckpt_final.pt"), weights(root + "/w2/ckpt_final.pt")) == 0.0
+
+
+AFTER_MAIN = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train_gpt
+rc = train_gpt.main(sys.argv[1:])
+names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads after main:", sorted(n for n in names if "gloo" in n))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc (Linux)")
+def test_main_ends_the_process_group_with_its_threads(data, tmp_path):
+    """Two ranks as plain processes (not the forkserver children above, which preload torch._dynamo
+    and leave through os._exit): when main returns, the process group is destroyed with its gloo
+    threads. A group kept alive past destroy_process_group (torch._dynamo imported after it was
+    created) leaves them running into interpreter shutdown, where one can abort the process: the
+    SIGABRT a torchrun launch met under load after training had finished."""
+    port, out = free_port(), str(tmp_path / "run")
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", AFTER_MAIN.format(repo=REPO)] + tiny_args(data, out, num_steps=2),
+                                      env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    texts = [p.communicate(timeout=180)[0] for p in procs]
+    for p, text in zip(procs, texts):
+        assert p.returncode == 0, text[-3000:]
+        assert "gloo threads after main: []" in text, text[-3000:]
