@@ -41,6 +41,11 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+# torch._dynamo before any process group: imported after one exists (the first torch.optim.Optimizer
+# imports it), it keeps references to the default group, so destroy_process_group leaves gloo's worker
+# threads running into interpreter shutdown, where one that drops its last work object needs the GIL
+# and aborts the process ("terminate called without an active exception", SIGABRT, after a finished run).
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -1525,11 +1530,6 @@ def setup_distributed(cfg: Config):
             raise ConfigError(f"device={cfg.device} but CUDA is not available; use --device cpu")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # torch._dynamo first: imported after the group exists (the first torch.optim.Optimizer imports
-        # it), it keeps references to the default group, so destroy_process_group leaves gloo's worker
-        # threads running into interpreter shutdown, where one that drops its last work object needs
-        # the GIL and aborts the process ("terminate called without an active exception", SIGABRT).
-        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", device_id=torch.device(dev) if dev.startswith("cuda") else None)
     return rank, world, torch.device(dev)
 
