@@ -371,3 +371,33 @@ def test_init_weights_are_loaded_before_step_0(doc_shards, tmp_path, capsys):
 def test_pipeline_config_errors(over, needle, doc_shards, tmp_path, capsys):
     assert tg.main(pipeline_args(doc_shards, str(tmp_path / "r"), **over)) == 2
     assert needle in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# The FineWeb configs
+
+
+def test_fineweb_configs_use_the_reference_pipeline_and_name_their_script(repo):
+    paper = os.path.join(repo, "configs", "paper")
+    names = [os.path.join(paper, f) for f in sorted(os.listdir(paper)) if f.startswith("w")]
+    assert len(names) == 6
+    for path in names + [os.path.join(repo, "configs", "nanogpt_145m.toml")]:
+        cfg = tg.parse_config(["--config", path])
+        assert (cfg.loader, cfg.doc_token, cfg.window_schedule, cfg.layer_pattern) == ("sequential", 50256, "reference", "LSSSLSSLSSSL")
+        assert (cfg.seq_len, cfg.micro_batch_tokens, cfg.batch_tokens, cfg.val_seq_len, cfg.val_tokens) == (49152, 49152, 393216, 262144, 10485760)
+        assert cfg.eval_at_start and cfg.eval_every == 125
+        assert (cfg.rope, cfg.ns_coeffs, cfg.hidden_init, cfg.embed_cap) == ("half_truncated", "reference", "ns_uniform", "lookup")
+        if cfg.constraint == "soft_cap":
+            assert (cfg.soft_cap_coupling, cfg.soft_cap_dtype) == ("nanogpt", "bf16")
+        header = open(path).read().split("\n\n")[0]
+        assert "train_spectral_" in header and ("Script: nanogpt/train_spectral_" in header or "No published script. Assumptions:" in header) \
+            or path.endswith("nanogpt_145m.toml"), path
+    sn = tg.parse_config(["--config", os.path.join(paper, "w8_spectral_normalize.toml")])
+    assert sn.head_w_max == sn.w_max == 8.0  # the spectral-normalize script caps the head at w_max
+    # 254 steps per 100M-token FineWeb shard: the shard counts the headers name
+    per = tg.steps_in_shard(100_000_000, 393216)
+    assert per == 254 and [-(-n // per) for n in (1770, 6200, 7080)] == [7, 25, 28]
+    # the Shakespeare configs keep their pipeline
+    for name in ("quickstart.toml", "shakespeare_char.toml", os.path.join("paper", "shakespeare_lipschitz.toml")):
+        cfg = tg.parse_config(["--config", os.path.join(repo, "configs", name)])
+        assert (cfg.loader, cfg.doc_token, cfg.window_schedule, cfg.rope, cfg.embed_cap) == ("random", -1, "none", "full", "project")
