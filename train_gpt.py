@@ -88,7 +88,7 @@ def attn_scale(cfg) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every hyperparameter, typed, with the paper's 145M run as defaults
+# Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults
 
 CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_hammer|soft_cap|hard_cap|hard_cap_poly|stiefel|svd_clip"
 
@@ -1101,7 +1101,8 @@ def flex_block_mask(docs: torch.Tensor, window: int | None):
     from torch.nn.attention.flex_attention import BlockMask
     B, T = docs.shape
     n = T // ATTN_BLOCK
-    lo, hi = docs.view(B, n, ATTN_BLOCK)[..., 0], docs.view(B, n, ATTN_BLOCK)[..., -1]
+    blocks = docs.reshape(B, n, ATTN_BLOCK)
+    lo, hi = blocks[..., 0], blocks[..., -1]
     i = torch.arange(n, device=docs.device)
     near = (i[:, None] - i[None, :] < window) if window is not None else torch.ones(n, n, dtype=torch.bool, device=docs.device)
     same_any = (lo[:, :, None] <= hi[:, None, :]) & (hi[:, :, None] >= lo[:, None, :])
@@ -1294,12 +1295,13 @@ class GPT(nn.Module):
     @torch.compiler.disable  # built eagerly (cheap block bookkeeping), also when called inside a compiled forward
     def attention_masks(self, idx, step: int) -> list | None:
         """One attention mask per layer for the batch idx (B, T) at `step` (doc_token, window_schedule,
-        layer_pattern): FlexAttention BlockMasks on CUDA, dense boolean masks elsewhere; None when
-        attention is plainly causal."""
+        layer_pattern): FlexAttention BlockMasks on CUDA (T a multiple of ATTN_BLOCK), dense boolean
+        masks otherwise; None when attention is plainly causal."""
         cfg = self.cfg
         if not masked_attention(cfg):
             return None
-        docs, build = doc_ids(idx, cfg.doc_token), flex_block_mask if idx.is_cuda else dense_mask
+        flex = idx.is_cuda and idx.size(-1) % ATTN_BLOCK == 0  # FlexAttention needs whole blocks (sampling may not have them)
+        docs, build = doc_ids(idx, cfg.doc_token), flex_block_mask if flex else dense_mask
         windows = layer_windows(step, cfg)
         built = {w: build(docs, w) for w in set(windows)}
         return [built[w] for w in windows]
