@@ -302,6 +302,23 @@ def test_sequential_resume_is_bitwise_exact(doc_shards, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_two_ranks_read_the_reference_layout_and_equal_one_process(doc_shards, tmp_path):
+    """2 ranks x accum 1 and 1 process x accum 2 train on the same sequences (rank r = micro-step r):
+    bitwise the same losses and weights (as the random loader, tests/test_multiprocess.py)."""
+    from proc_helpers import run_ranks
+    one, two = str(tmp_path / "w1"), str(tmp_path / "w2")
+    assert tg.main(pipeline_args(doc_shards, one, num_steps=4, debug="true")) == 0
+    rcs, logs = run_ranks(2, pipeline_args(doc_shards, two, num_steps=4, debug="true"), two + "_logs")
+    assert rcs == [0, 0], "\n".join(logs)
+    train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "val_loss" not in r]  # noqa: E731
+    val = lambda d: [(r["step"], r["val_loss"]) for r in metrics(d) if "val_loss" in r]  # noqa: E731
+    assert train(one) == train(two) and len(train(one)) == 4
+    assert [s for s, _ in val(one)] == [s for s, _ in val(two)] == [0, 3, 4]  # float64 sums over ranks: order may differ
+    assert all(a == pytest.approx(b, rel=1e-12) for (_, a), (_, b) in zip(val(one), val(two)))
+    wa, wb = (tg.load_checkpoint(os.path.join(d, "ckpt_final.pt"))["model"] for d in (one, two))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_eval_protocol_scores_long_masked_sequences(doc_shards, tmp_path, capsys):
     """Step 0 is evaluated; val_loss is the mean over val_seq_len sequences under the masks of that step,
     recomputed here sequence by sequence; max_logit is the largest |logit|."""
