@@ -1318,7 +1318,8 @@ class GPT(nn.Module):
         or by `masks` (from attention_masks: the training loop builds them outside the compiled model)."""
         T = idx.size(1)
         if T > self.rope_cos.size(0):
-            raise ValueError(f"sequence of {T} tokens is longer than the RoPE tables ({self.rope_cos.size(0)}: max of seq_len, val_seq_len)")
+            limit = "seq_len" if self.rope_cos.size(0) == self.cfg.seq_len else "val_seq_len"
+            raise ValueError(f"sequence of {T} tokens is longer than {limit}={self.rope_cos.size(0)} (the RoPE tables)")
         if masks is None:
             masks = self.attention_masks(idx, self.cfg.num_steps if step is None else step)
         x = _dropout(self.embed_tokens(idx), self.cfg.dropout if self.training else 0.0)
