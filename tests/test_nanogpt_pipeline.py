@@ -456,3 +456,19 @@ def test_flex_attention_on_cuda_matches_dense_masks_with_gradients():
             assert all((a - b).abs().max() < 1e-4 * (1 + b.abs().max()) for a, b in zip(gf, gd))
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 3  # compiled at the first window, not again for the next ones
+
+
+def test_certificate_rotates_with_the_configs_rope():
+    """lipschitz_bound's per-offset q.k norms use the config's RoPE: against explicit rotations built
+    from the trainer's apply_rope with the half-truncated tables (and unlike the full ones)."""
+    import lipschitz_bound as lb
+    g = torch.Generator().manual_seed(0)
+    dh, d, T = 8, 12, 40
+    Wq, Wk = torch.randn(dh, d, generator=g, dtype=torch.float64), torch.randn(dh, d, generator=g, dtype=torch.float64)
+    cos, sin = tg.rope_tables(T, dh, torch.float64, "half_truncated")
+    eye = torch.eye(dh, dtype=torch.float64)
+    R = tg.apply_rope(eye.expand(T, dh, dh).permute(1, 0, 2).unsqueeze(2), cos, sin).squeeze(2)  # R[j, t] = R_t e_j
+    want = torch.stack([torch.linalg.matrix_norm((R[:, t].mT @ Wq).mT @ Wk, ord=2) for t in range(T)])
+    got = lb.qk_offset_norms(Wq, Wk, T, "half_truncated")
+    assert torch.allclose(got, want, rtol=1e-9)
+    assert not torch.allclose(lb.qk_offset_norms(Wq, Wk, T, "full"), want, rtol=1e-3)
