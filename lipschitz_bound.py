@@ -130,12 +130,13 @@ def _product_err(A: torch.Tensor, B: torch.Tensor) -> float:
     return ROUNDING_SAFETY * _gamma(A.size(-1)) * float(A.norm()) * float(B.norm())
 
 
-def rope_tables64(seq_len: int, head_dim: int):
-    """RoPE cos/sin in float64 (the trainer uses float32): the exact rotations the certificate is about."""
-    return rope_tables(seq_len, head_dim, torch.float64)
+def rope_tables64(seq_len: int, head_dim: int, variant: str = "full"):
+    """RoPE cos/sin in float64 (the trainer uses float32): the exact rotations the certificate is about
+    (variant: the config's rope)."""
+    return rope_tables(seq_len, head_dim, torch.float64, variant)
 
 
-def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int) -> torch.Tensor:
+def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int, rope: str = "full") -> torch.Tensor:
     """sigma(M_delta) for delta = t - s = 0..seq_len-1, M_delta the bilinear form of one head's logit
     (R_t W_q x_t) . (R_s W_k x_s) = x_t^T M_delta x_s (RoPE makes it depend on t - s only).
 
@@ -144,7 +145,7 @@ def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int) -> torch.T
     dh = Wq.size(0)
     Lq = torch.linalg.qr(Wq.double().T).R.T  # (dh, dh), Wq = Lq Q^T
     Lk = torch.linalg.qr(Wk.double().T).R.T
-    cos, sin = rope_tables64(seq_len, dh)
+    cos, sin = rope_tables64(seq_len, dh, rope)
     # logit(t, s) = (R_t Lq u)^T (R_s Lk w); with s = 0 (R_0 = I) and t = delta: Lq^T R_delta^T Lk
     cols_q = Lq.T.unsqueeze(0).expand(seq_len, dh, dh).transpose(0, 1)  # (dh "batch" = columns, T, dh)
     Rq = apply_rope(cols_q.unsqueeze(2), cos, sin).squeeze(2)           # each column of Lq rotated to position t
@@ -152,12 +153,13 @@ def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int) -> torch.T
     return spectral_norm_exact(M)
 
 
-def head_qk_bound(Wq_h: torch.Tensor, Wk_h: torch.Tensor, seq_len: int, exact_rope: bool, sq: float, sk: float) -> float:
+def head_qk_bound(Wq_h: torch.Tensor, Wk_h: torch.Tensor, seq_len: int, exact_rope: bool, sq: float, sk: float,
+                  rope: str = "full") -> float:
     """m_h >= max_delta sigma(W_q^h^T R_delta W_k^h); never above the product of the slices' bounds."""
     prod = sq * sk
     if not exact_rope:
         return prod
-    s = float(qk_offset_norms(Wq_h, Wk_h, seq_len).max())
+    s = float(qk_offset_norms(Wq_h, Wk_h, seq_len, rope).max())
     d, dh = Wq_h.size(1), Wq_h.size(0)
     err = ROUNDING_SAFETY * _gamma(d + 2 * dh) * float(Wq_h.double().norm()) * float(Wk_h.double().norm())
     return min(prod, s * (1 + EIG_BACKWARD_CONST * dh * UNIT_ROUNDOFF) + err)
@@ -230,7 +232,7 @@ def collect_norms(sd: dict, cfg, exact_rope: bool) -> dict:
             perr = _product_err(Wo[:, sl], Wv[sl])
             heads.append({"sigma_q": sq, "sigma_k": sk, "sigma_v": sv, "sigma_o": so, "Wq_h": Wq[sl], "Wk_h": Wk[sl],
                           "sigma_ov": min(so * sv, sigma_upper(Wo[:, sl] @ Wv[sl], perr)),
-                          "m_qk": head_qk_bound(Wq[sl], Wk[sl], cfg.seq_len, exact_rope, sq, sk),
+                          "m_qk": head_qk_bound(Wq[sl], Wk[sl], cfg.seq_len, exact_rope, sq, sk, cfg.rope),
                           "Wo_h": Wo[:, sl], "Wv_h": Wv[sl], "P_err": perr})
         mid = mlp_midpoint(fc, pr, *residual_coeffs(cfg))
         layers.append({"sigma": s, "fc": fc_rr, "proj": pr_rr, "heads": heads, "W_in": fc, "W_out": pr, "W_q": Wq,
@@ -390,8 +392,8 @@ def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) ->
         QL, eQ = _mm(h["Wq_h"], L)
         rho_k, rho_q = sigma_upper(KL, eK), sigma_upper(QL, eQ)
         if exact_rope:
-            m_A = head_qk_bound(h["Wq_h"], KL, cfg.seq_len, True, h["sigma_q"], rho_k) + h["sigma_q"] * eK
-            m_B = head_qk_bound(QL, h["Wk_h"], cfg.seq_len, True, rho_q, h["sigma_k"]) + h["sigma_k"] * eQ
+            m_A = head_qk_bound(h["Wq_h"], KL, cfg.seq_len, True, h["sigma_q"], rho_k, cfg.rope) + h["sigma_q"] * eK
+            m_B = head_qk_bound(QL, h["Wk_h"], cfg.seq_len, True, rho_q, h["sigma_k"], cfg.rope) + h["sigma_k"] * eQ
             m_A, m_B = min(m_A, h["sigma_q"] * rho_k), min(m_B, rho_q * h["sigma_k"])
         else:
             m_A, m_B = h["sigma_q"] * rho_k, rho_q * h["sigma_k"]
@@ -684,7 +686,7 @@ def summary_line(cert: dict) -> str:
 
 def forward_embeddings(model: GPT, X: torch.Tensor) -> torch.Tensor:
     """Logits of the model from embedding outputs X (B, T, d), with exact (float64) RoPE tables."""
-    cos, sin = rope_tables64(X.size(1), model.cfg.d_model // model.cfg.n_head)
+    cos, sin = rope_tables64(X.size(1), model.cfg.d_model // model.cfg.n_head, model.cfg.rope)
     return model.logits_from_embeddings(X, cos.to(X), sin.to(X))
 
 

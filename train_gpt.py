@@ -16,7 +16,8 @@ Recipes
   python train_gpt.py --help                               # every key, its default, its meaning
 
 Precedence of settings: command line > --config TOML file > defaults below (the paper's 145M
-NanoGPT run). One process runs without a process group; under torchrun the global batch
+NanoGPT hyperparameters; configs/nanogpt_145m.toml adds its reference scripts' data, attention and
+eval pipeline, which the defaults leave off). One process runs without a process group; under torchrun the global batch
 (in tokens) is fixed and gradient accumulation is derived from the world size.
 """
 
@@ -61,7 +62,8 @@ GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) /
 # Attention output is W_o (y / 3): the paper's factor that makes the attention map 1-Lipschitz
 # at unit input norm (|dF| <= |dv| + |v|(|dq||k| + |q||dk|) <= 3 |dx| for unit-norm q, k, v).
 ATTN_OUT_FACTOR = 1.0 / 3.0
-ROPE_BASE = 10000.0
+ROPE_BASE = 10000.0       # rope=full
+ROPE_HALF_BASE = 1024.0   # rope=half_truncated (the 145M reference scripts')
 
 
 def residual_weight(n_layer: int) -> float:
@@ -91,7 +93,7 @@ def attn_scale(cfg) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every hyperparameter, typed, with the paper's 145M run as defaults
+# Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults
 
 CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_hammer|soft_cap|hard_cap|hard_cap_poly|stiefel|svd_clip"
 
@@ -111,6 +113,10 @@ class Config:
     emb_w_max: float = field(default=1.0, metadata={"help": "cap on each embedding row's RMS norm"})
     head_w_max: float = field(default=1.0, metadata={"help": "cap on the head's RMS->RMS norm"})
     head_spectral: bool = field(default=True, metadata={"help": "true: the head is a Muon matrix under the chosen constraint; false: Adam with rows projected to RMS <= head_w_max"})
+    rope: str = field(default="full", metadata={"help": "RoPE variant: full (head_dim/2 frequencies, base 10000) or half_truncated (the 145M reference scripts': head_dim/4 frequencies (1/1024)^linspace(0, 1) and head_dim/4 zeros, so half of each head is not rotated)"})
+    doc_token: int = field(default=-1, metadata={"help": "token id that begins a document: attention never crosses into an earlier document (-1: off; the 145M reference scripts: 50256, GPT-2's <|endoftext|>)"})
+    window_schedule: str = field(default="none", metadata={"help": "attention window over the steps: none, or reference (the 145M scripts': in blocks of 128 tokens, the smallest multiple of 128 >= 1728 x step / num_steps, at least 128, so 128 -> 1792; a query sees keys in its own and the previous window/128 - 1 blocks)"})
+    layer_pattern: str = field(default="", metadata={"help": "one letter per layer, L (long: the full window) or S (short: half the window's blocks); empty: all L. The 145M reference at 12 layers: LSSSLSSLSSSL"})
     logit_softcap: float = field(default=15.0, metadata={"help": "baseline arch only: logits = c tanh(logits / c)"})
     dropout: float = field(default=0.0, metadata={"help": "baseline arch only: dropout on embeddings, attention weights and sub-block outputs while training (nanoGPT's char model: 0.2)"})
     # optimization
@@ -120,7 +126,7 @@ class Config:
     wd: float = field(default=0.0, metadata={"help": "strength of weight_decay (lr-coupled) and spectral_wd"})
     power_iters: int = field(default=4, metadata={"help": "warm-started power iterations per step for sigma_1 (32 on the first step)"})
     qk_clip_tau: float = field(default=0.0, metadata={"help": "QK-Clip threshold on the per-head max attention logit; 0 = off"})
-    soft_cap_coupling: str = field(default="exact", metadata={"help": "soft_cap strength: exact (Theorem 3.1 for this step's worst-case update norm, lr x the Newton-Schulz stretch) or reference (the reference code's: lr / sqrt(d_out/d_in), no stretch; sigma_max may then exceed w_max)"})
+    soft_cap_coupling: str = field(default="exact", metadata={"help": "soft_cap strength: exact (Theorem 3.1 for this step's worst-case update norm, lr x the Newton-Schulz stretch x 1.02), reference (the Shakespeare reference code's: lr / sqrt(d_out/d_in), no stretch; sigma_max may then exceed w_max) or nanogpt (the 145M scripts': lr x the stretch of their coefficients, 1.14502, x 1.05; other constraints ignore it, so a FineWeb config can switch --constraint)"})
     num_steps: int = field(default=1770, metadata={"help": "optimizer steps"})
     batch_tokens: int = field(default=393216, metadata={"help": "global batch in tokens per step (all ranks, all micro-steps)"})
     micro_batch_tokens: int = field(default=49152, metadata={"help": "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)"})
@@ -138,20 +144,29 @@ class Config:
     nesterov: bool = field(default=True, metadata={"help": "Muon orthogonalizes the Nesterov look-ahead (true) or the momentum buffer itself, an EMA of the gradients (false, the reference code's)"})
     momentum_warmup_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     momentum_warmup_steps: int = field(default=300, metadata={"help": "steps of linear momentum warm-up"})
-    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz (Polar Express) steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)"})
+    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)"})
+    ns_coeffs: str = field(default="polar_express", metadata={"help": "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin) or reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5)"})
+    hidden_init: str = field(default="orthogonal", metadata={"help": "init of W_q, W_k, W_v and W_in: orthogonal (exact, RMS->RMS norm min(1, w_max)) or ns_uniform (the 145M scripts': uniform entries through their 5-step Newton-Schulz, RMS->RMS norm up to ~1.15 at step 0; times min(1, w_max))"})
+    embed_cap: str = field(default="project", metadata={"help": "how rows are held to RMS <= emb_w_max: project (every row, at init and after each step) or lookup (the 145M scripts' nn.Embedding(max_norm=emb_w_max sqrt(d_model)): a row is renormalized in place when a forward pass (training or eval) looks it up)"})
+    soft_cap_dtype: str = field(default="fp32", metadata={"help": "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it"})
     cooldown_frac: float = field(default=0.4, metadata={"help": "fraction of steps, at the end, of linear lr decay"})
     final_lr_frac: float = field(default=0.1, metadata={"help": "lr multiplier reached at the last step"})
     seed: int = field(default=0, metadata={"help": "seed of init and data order"})
     # data
     train_bin: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards"})
     val_bin: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
-    val_tokens: int = field(default=10485760, metadata={"help": "validation tokens per eval (rounded down to whole windows)"})
+    loader: str = field(default="random", metadata={"help": "training data: random (windows of seq_len + 1 drawn with replacement from all shards, seeded) or sequential (the 145M scripts': the shards in order, each token once, one sequence of micro_batch_tokens + 1 per rank and micro-step; needs seq_len = micro_batch_tokens, and refuses to start when the shards cannot cover the run)"})
+    val_tokens: int = field(default=10485760, metadata={"help": "validation tokens per eval (rounded down to whole sequences of val_seq_len)"})
+    val_seq_len: int = field(default=0, metadata={"help": "length of each validation sequence, scored under the attention mask (documents, window) of the current step (0: seq_len; the 145M scripts: 262144)"})
     val_slice_windows: int = field(default=0, metadata={"help": "also score the reference code's validation slice at every eval: the first N stride-1 windows of the val split (its 20 batches: 1280 at batch 64), as slice_val_loss / slice_val_acc; 0 = off"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="bf16", metadata={"help": "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
     eval_every: int = field(default=125, metadata={"help": "evaluate every N steps and at the end (0: only at the end)"})
+    eval_at_start: bool = field(default=False, metadata={"help": "also evaluate at step 0, before training (the 145M scripts do)"})
+    stop_after: int = field(default=0, metadata={"help": "end the run after N steps, with an eval and a final checkpoint, while the lr, momentum and window schedules still follow num_steps (0: run all num_steps)"})
+    init_weights: str = field(default="", metadata={"help": "torch file of initial weights, loaded after init and before step 0 on every rank (weights only; optimizers start fresh): a state dict in this GPT's names (embed.weight (vocab_size, d_model), blocks.<i>.attn.qkv (3, d, d) = W_q, W_k, W_v stacked as (d_out, d_in), blocks.<i>.attn.proj, blocks.<i>.mlp.fc (mlp_ratio d, d), blocks.<i>.mlp.proj, head (vocab_size, d_model)), or {'model': state dict}; every key and shape must match"})
     log_every: int = field(default=10, metadata={"help": "print a training line every N steps"})
     save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: none)"})
     keep_last: int = field(default=2, metadata={"help": "periodic checkpoints to keep"})
@@ -164,13 +179,21 @@ class Config:
 
 
 ARCH_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "head_spectral")
-STATE_KEYS = ("seq_len", "optimizer", "constraint", "embed_update")  # a resume may not change these either
+STATE_KEYS = ("seq_len", "optimizer", "constraint", "embed_update", "rope", "embed_cap", "doc_token", "window_schedule",
+              "layer_pattern", "loader")  # a resume may not change these either
 CHOICES = {
     "arch": ("lipschitz", "plain_residual", "baseline"),
     "optimizer": ("muon", "adamw"),
     "lr_alloc": ("uniform", "modula"),
     "embed_update": ("adam", "rownorm"),
-    "soft_cap_coupling": ("exact", "reference"),
+    "soft_cap_coupling": ("exact", "reference", "nanogpt"),
+    "rope": ("full", "half_truncated"),
+    "window_schedule": ("none", "reference"),
+    "ns_coeffs": ("polar_express", "reference"),
+    "hidden_init": ("orthogonal", "ns_uniform"),
+    "embed_cap": ("project", "lookup"),
+    "soft_cap_dtype": ("fp32", "bf16"),
+    "loader": ("random", "sequential"),
     "constraint": tuple(CONSTRAINTS_DOC.split("|")),
     "dtype": ("bf16", "fp32"),
 }
@@ -210,7 +233,8 @@ def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config
 def parse_config(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         description="Train a GPT with enforced Lipschitz constants (Newhouse et al. 2025). "
-        "Settings: command line > --config file > these defaults (the paper's 145M run).",
+        "Settings: command line > --config file > these defaults (the paper's 145M hyperparameters; "
+        "configs/nanogpt_145m.toml adds the reference scripts' pipeline).",
     )
     p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
     for f in fields(Config):
@@ -245,7 +269,7 @@ def validate_config(cfg: Config) -> None:
         if not (v > 0 and math.isfinite(v)):
             raise ConfigError(f"{k} must be > 0, got {v}")
     for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps",
-              "val_slice_windows"):
+              "val_slice_windows", "val_seq_len", "stop_after"):
         if not (getattr(cfg, k) >= 0 and math.isfinite(getattr(cfg, k))):
             raise ConfigError(f"{k} must be >= 0 and finite, got {getattr(cfg, k)}")
     for k in ("cooldown_frac", "final_lr_frac", "momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2"):
@@ -255,10 +279,39 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head} with an even head size (RoPE)")
     if cfg.micro_batch_tokens % cfg.seq_len:
         raise ConfigError(f"micro_batch_tokens={cfg.micro_batch_tokens} must be a multiple of seq_len={cfg.seq_len}")
+    if cfg.rope == "half_truncated" and (cfg.d_model // cfg.n_head) % 4:
+        raise ConfigError(f"rope=half_truncated needs a head size divisible by 4, got {cfg.d_model // cfg.n_head}")
+    if not -1 <= cfg.doc_token < cfg.vocab_size:
+        raise ConfigError(f"doc_token={cfg.doc_token} must be -1 (off) or a token id below vocab_size={cfg.vocab_size}")
+    if cfg.layer_pattern and (len(cfg.layer_pattern) != cfg.n_layer or set(cfg.layer_pattern) - set("LS")):
+        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} must be {cfg.n_layer} letters L or S, one per layer")
+    if "S" in cfg.layer_pattern and cfg.window_schedule == "none":
+        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} has short layers but window_schedule=none has no window to halve; "
+                          "set window_schedule or clear layer_pattern")
+    if masked_attention(cfg):
+        for k, n in (("seq_len", cfg.seq_len), ("val_seq_len", val_len(cfg))):
+            if n % ATTN_BLOCK:
+                raise ConfigError(f"{k}={n} must be a multiple of {ATTN_BLOCK} (the attention block) "
+                                  "with doc_token or window_schedule set")
+        if cfg.qk_clip_tau > 0:
+            raise ConfigError("qk_clip_tau tracks causal logits only; it cannot be combined with doc_token or window_schedule")
+    if cfg.loader == "sequential" and cfg.seq_len != cfg.micro_batch_tokens:
+        raise ConfigError(f"loader=sequential trains on one sequence of micro_batch_tokens per rank and micro-step: "
+                          f"set seq_len={cfg.micro_batch_tokens} (now {cfg.seq_len})")
+    if cfg.ns_coeffs == "reference" and cfg.ns_steps != len(NANOGPT_NS):
+        raise ConfigError(f"ns_coeffs=reference is {len(NANOGPT_NS)} fixed steps; set ns_steps={len(NANOGPT_NS)} (now {cfg.ns_steps})")
+    if cfg.embed_cap == "lookup" and (cfg.embed_update != "adam" or cfg.arch == "baseline"):
+        raise ConfigError("embed_cap=lookup renormalizes the rows that Adam steps (embed_update=adam) in a Lipschitz arch; "
+                          "use embed_cap=project")
+    if cfg.stop_after > cfg.num_steps:
+        raise ConfigError(f"stop_after={cfg.stop_after} is past num_steps={cfg.num_steps}; stop_after ends a run early "
+                          "inside its schedule (0: run all num_steps)")
     if cfg.arch == "baseline" and cfg.constraint != "none":
         raise ConfigError(f"arch=baseline has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.dropout > 0 and masked_attention(cfg):
+        raise ConfigError("dropout is not supported with doc_token or window_schedule (FlexAttention has no dropout)")
     if cfg.dropout > 0 and cfg.arch != "baseline":
         raise ConfigError(f"dropout={cfg.dropout} is for arch=baseline only (the Lipschitz map the certificate bounds has none)")
     if cfg.lr_alloc == "modula" and cfg.arch == "baseline":
@@ -269,7 +322,7 @@ def validate_config(cfg: Config) -> None:
                           "it needs optimizer=muon and a Lipschitz arch; use embed_update=adam")
     if cfg.embed_max_inflation < 1 or not math.isfinite(cfg.embed_max_inflation):
         raise ConfigError(f"embed_max_inflation must be >= 1 and finite, got {cfg.embed_max_inflation}")
-    if cfg.soft_cap_coupling != "exact" and cfg.constraint != "soft_cap":
+    if cfg.soft_cap_coupling == "reference" and cfg.constraint != "soft_cap":
         raise ConfigError(f"soft_cap_coupling={cfg.soft_cap_coupling} is only used by constraint soft_cap, not {cfg.constraint}")
     if cfg.optimizer == "adamw" and cfg.constraint == "soft_cap":
         raise ConfigError("soft_cap needs a bound on each update's spectral norm, which Muon gives and AdamW does not; "
@@ -314,7 +367,20 @@ BF16_NS_MARGIN = 0.02   # measured bf16 noise on NS outputs is ~0.6% (bf16 matri
                         # stays under this budget
 
 
-def ns_coefficients(steps: int) -> list[tuple[float, float, float]]:
+# The 145M reference scripts' orthogonalization (ns_coeffs=reference): G / (||G||_F + 1e-7), then these
+# five quintics (nanogpt/train_spectral_cap.py, `orthogonalize`). Their composite's largest output on
+# [0, 1] is 1.14502 (ns_max_stretch), the constant the scripts' soft-cap coupling uses, times 1.05.
+NANOGPT_NS = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+NANOGPT_NS_EPS = 1e-7
+NANOGPT_NS_STRETCH = 1.14502
+NANOGPT_CAP_MARGIN = 1.05
+NANOGPT_INIT_STD = 0.5    # hidden_init=ns_uniform: entries uniform with std 0.5 / sqrt(d_in) before the NS map
+
+
+def ns_coefficients(steps: int, kind: str = "polar_express") -> list[tuple[float, float, float]]:
+    if kind == "reference":
+        return NANOGPT_NS[:steps]
     return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
 
 
@@ -329,13 +395,13 @@ def quintic_composite(x: np.ndarray, coeffs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def ns_max_stretch(steps: int) -> float:
+def ns_max_stretch(steps: int, kind: str = "polar_express") -> float:
     """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
 
     Derived, not copied: the composite odd polynomial evaluated in float64 on a grid of spacing
     1e-6, plus the grid's worst-case miss (spacing x the composite's largest slope)."""
     x = np.linspace(0.0, 1.0, 1_000_001)
-    y, dy = quintic_composite(x, ns_coefficients(steps))
+    y, dy = quintic_composite(x, ns_coefficients(steps, kind))
     return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
 
 
@@ -362,12 +428,17 @@ def _wide(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (M, False) if M.size(-2) <= M.size(-1) else (M.mT, True)
 
 
-def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, kind: str = "polar_express") -> torch.Tensor:
     """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
 
     Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
-    by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero."""
+    by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero.
+    kind=reference: the 145M scripts' map instead, G / (||G||_F + 1e-7) in `dtype` and NANOGPT_NS."""
     X, tall = _wide(G)
+    if kind == "reference":
+        X = X.to(dtype)
+        X = quintic_steps(X / (torch.linalg.matrix_norm(X, keepdim=True) + NANOGPT_NS_EPS), ns_coefficients(steps, kind)).float()
+        return X.mT if tall else X
     X = X.float()
     top = X.abs().amax(dim=(-2, -1), keepdim=True)  # pre-scale so the Frobenius norm cannot underflow
     X = X / torch.where(top > 0, top, torch.ones_like(top))
@@ -455,6 +526,7 @@ class ProjArgs:
     u: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # precision of the soft cap's polynomial (soft_cap_dtype)
 
 
 def _gram_apply(M: torch.Tensor, a: float, b) -> torch.Tensor:
@@ -505,8 +577,9 @@ def c_soft_cap(M, p):
     a float, or one value per matrix of the stack when their learning rates differ)."""
     if not torch.is_tensor(p.alpha) and p.alpha == 0.0:
         return M
-    M = _gram_apply(M, 1.0, -p.alpha)
-    return _gram_apply(M, 1.0, p.alpha)
+    X, a = M.to(p.dtype), p.alpha.to(p.dtype) if torch.is_tensor(p.alpha) else p.alpha
+    X = _gram_apply(X, 1.0, -a)
+    return _gram_apply(X, 1.0, a).to(M.dtype)
 
 
 # Exact hard cap, all on the m x m Gram matrix G = X X^T of X = M / cap (wide orientation).
@@ -696,12 +769,14 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def max_update_norm(lr, ns_steps: int = 5, coupling: str = "exact", scale: float = 1.0):
+def max_update_norm(lr, ns_steps: int = 5, coupling: str = "exact", scale: float = 1.0, ns_kind: str = "polar_express"):
     """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one Muon update,
-    lr x the NS polynomial's largest stretch (with the bf16 margin). reference: the reference code's
-    lr / sqrt(d_out/d_in) (its Linear.project divides the RMS->RMS norm by the scale again, and
-    assumes no stretch)."""
-    return lr * (ns_max_stretch(ns_steps) * (1 + BF16_NS_MARGIN)) if coupling == "exact" else lr / scale
+    lr x the NS polynomial's largest stretch (with the bf16 margin). reference: the Shakespeare reference
+    code's lr / sqrt(d_out/d_in) (its Linear.project divides the RMS->RMS norm by the scale again, and
+    assumes no stretch). nanogpt: the 145M scripts' lr x 1.14502 x 1.05."""
+    if coupling == "nanogpt":
+        return lr * NANOGPT_NS_STRETCH * NANOGPT_CAP_MARGIN
+    return lr * (ns_max_stretch(ns_steps, ns_kind) * (1 + BF16_NS_MARGIN)) if coupling == "exact" else lr / scale
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -742,12 +817,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def __init__(self, params_groups, kind: str, constraint: str, w_max: float, wd: float = 0.0,
                  momentum: float = 0.95, ns_steps: int = 5, power_iters: int = 4,
                  betas=(0.9, 0.95), eps: float = 1e-10, nesterov: bool = True, coupling: str = "exact",
-                 ns_dtype: torch.dtype = torch.bfloat16, shares: dict | None = None, row_inflation: float = 16.0):
+                 ns_dtype: torch.dtype = torch.bfloat16, shares: dict | None = None, row_inflation: float = 16.0,
+                 ns_kind: str = "polar_express", cap_dtype: torch.dtype = torch.float32):
         defaults = dict(lr=0.0, w_max=w_max, constraint=constraint, momentum=momentum)
         super().__init__(params_groups, defaults)
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
+        self.ns_kind, self.cap_dtype = ns_kind, cap_dtype
         self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
@@ -762,7 +839,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
 
     def max_update_norm(self, lr, scale: float = 1.0):
-        return max_update_norm(lr, self.ns_steps, self.coupling, scale)
+        return max_update_norm(lr, self.ns_steps, self.coupling, scale, self.ns_kind)
 
     def _lr(self, params, lr: float):
         """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
@@ -813,7 +890,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if group.get("rows"):
                 upd, step = normalize_rows(m, self.row_inflation), lr
             else:
-                upd, step = msign(m, self.ns_steps, self.ns_dtype), lr * rms_scale(W)
+                upd, step = msign(m, self.ns_steps, self.ns_dtype, self.ns_kind), lr * rms_scale(W)
             if torch.is_tensor(step):
                 W.sub_(upd * step)
             else:
@@ -860,6 +937,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             iters = 32 if cold else self.power_iters
         # soft cap: Muon only (validate_config), coupled to this step's update norm
         args = constraint_args(name, M, w_max, lr, self.wd, v0, iters, self.max_update_norm(lr, scale))
+        args.dtype = self.cap_dtype
         new_v = [] if args.v is None else list(args.v)
         M = CONSTRAINTS[name](M.float(), args)
         return list((M * scale).to(W.dtype)), new_v
@@ -968,11 +1046,117 @@ def lr_shares(model, cfg: Config) -> dict:
 # Model: Lipschitz GPT (and the baseline with norms put back)
 
 
-def rope_tables(seq_len: int, head_dim: int, dtype: torch.dtype = torch.float32):
-    """cos and sin (seq_len, head_dim / 2) of RoPE's angles; the certificate builds them in float64."""
-    inv = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+def rope_tables(seq_len: int, head_dim: int, dtype: torch.dtype = torch.float32, variant: str = "full"):
+    """cos and sin (seq_len, head_dim / 2) of RoPE's angles; the certificate builds them in float64.
+    full: frequencies ROPE_BASE^(-2i/head_dim). half_truncated (the 145M scripts'): head_dim/4
+    frequencies ROPE_HALF_BASE^(-t), t = linspace(0, 1), then head_dim/4 zeros (pairs left unrotated)."""
+    if variant == "half_truncated":
+        f = (1.0 / ROPE_HALF_BASE) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=dtype)
+        inv = torch.cat([f, f.new_zeros(head_dim // 4)])
+    else:
+        inv = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
     ang = torch.outer(torch.arange(seq_len, dtype=dtype), inv)
     return ang.cos(), ang.sin()
+
+
+# -----------------------------------------------------------------------------
+# Attention masks: causal, within documents, in a block-wise window that grows over the steps.
+# The 145M reference scripts' FlexAttention masks, as a rule on token pairs: query q sees key k iff
+# k <= q, both lie in the same document (documents begin at doc_token), and k's block of ATTN_BLOCK
+# tokens is among the last W blocks up to q's (W = window_blocks, at least 1; short layers W // 2).
+# On CUDA a FlexAttention BlockMask, elsewhere the same rule as a dense boolean mask for SDPA.
+
+ATTN_BLOCK = 128      # FlexAttention block of the reference scripts; windows are whole blocks
+WINDOW_GROWTH = 1728  # the scripts' window: smallest multiple of ATTN_BLOCK >= 1728 x step / num_steps (128 -> 1792)
+
+
+def masked_attention(cfg) -> bool:
+    return cfg.doc_token >= 0 or cfg.window_schedule != "none"
+
+
+def val_len(cfg) -> int:
+    return cfg.val_seq_len or cfg.seq_len
+
+
+def window_blocks(step: int, cfg) -> int | None:
+    """Window of a long layer at `step`, in blocks (its own block and the ones before), or None (no window)."""
+    if cfg.window_schedule == "none":
+        return None
+    return max(1, math.ceil(WINDOW_GROWTH * (step / cfg.num_steps) / ATTN_BLOCK))
+
+
+def layer_windows(step: int, cfg) -> list:
+    """Window of each layer at `step`: long layers (L) window_blocks, short ones (S) half of it, >= 1 block."""
+    w = window_blocks(step, cfg)
+    return [w if w is None or c == "L" else max(1, w // 2) for c in (cfg.layer_pattern or "L" * cfg.n_layer)]
+
+
+def doc_ids(idx: torch.Tensor, doc_token: int) -> torch.Tensor:
+    """Document index of every position of idx (..., T): the number of doc_tokens up to and including it."""
+    if doc_token < 0:
+        return torch.zeros_like(idx, dtype=torch.int32)
+    return (idx == doc_token).cumsum(-1, dtype=torch.int32)
+
+
+def mask_rule(q, k, doc_q, doc_k, window: int | None):
+    """Whether query position q may attend to key position k (broadcasting tensors)."""
+    ok = (k <= q) & (doc_q == doc_k)
+    return ok if window is None else ok & (q // ATTN_BLOCK - k // ATTN_BLOCK < window)
+
+
+def dense_mask(docs: torch.Tensor, window: int | None) -> torch.Tensor:
+    """mask_rule for every pair of a batch of sequences: bool (B, 1, T, T), True = attend (for SDPA)."""
+    pos = torch.arange(docs.size(-1), device=docs.device)
+    return mask_rule(pos[:, None], pos[None, :], docs[:, :, None], docs[:, None, :], window)[:, None]
+
+
+def flex_block_mask(docs: torch.Tensor, window: int | None):
+    """mask_rule as a FlexAttention BlockMask for docs (B, T), T a multiple of ATTN_BLOCK. Blocks are
+    classified from each block's first and last document index (documents are contiguous): a key
+    block is skipped, fully visible, or partial (mask_rule is applied inside)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, T = docs.shape
+    n = T // ATTN_BLOCK
+    blocks = docs.reshape(B, n, ATTN_BLOCK)
+    lo, hi = blocks[..., 0], blocks[..., -1]
+    i = torch.arange(n, device=docs.device)
+    near = (i[:, None] - i[None, :] < window) if window is not None else torch.ones(n, n, dtype=torch.bool, device=docs.device)
+    same_any = (lo[:, :, None] <= hi[:, None, :]) & (hi[:, :, None] >= lo[:, None, :])
+    same_all = (lo[:, :, None] == hi[:, None, :]) & (hi[:, :, None] == lo[:, None, :])
+    full = (i[:, None] > i[None, :]) & same_all & near
+    partial = (i[:, None] >= i[None, :]) & same_any & near & ~full
+
+    def ordered(blocks):  # (B, 1, n) counts and (B, 1, n, n) indices, the visible blocks first
+        order = blocks.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+        return blocks.sum(-1, dtype=torch.int32)[:, None].contiguous(), order.to(torch.int32)[:, None].contiguous()
+
+    # The whole rule again token by token (the eager path reads only this); the window as a tensor, so
+    # that compiled kernels see an input, not a constant that changes with the step (no recompiles).
+    win = None if window is None else torch.tensor(window, device=docs.device)
+
+    def mask_mod(b, h, q, k):
+        return mask_rule(q, k, docs[b, q], docs[b, k], win)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=ATTN_BLOCK, mask_mod=mask_mod)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q, k, v, scale: float, mask=None, dropout: float = 0.0):
+    """Attention of q, k, v (B, H, T, D): causal SDPA (mask None), SDPA under a dense boolean mask,
+    or FlexAttention under a BlockMask (compiled on CUDA; forward only on CPU in torch 2.13)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
+    if torch.is_tensor(mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
 
 
 def apply_rope(x, cos, sin):
@@ -1005,7 +1189,7 @@ class Attention(nn.Module):
         self.track_max_logit = cfg.qk_clip_tau > 0  # QK-Clip reads max_logit after each training step
         self.register_buffer("max_logit", torch.zeros(cfg.n_head), persistent=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         B, T, C = x.shape
         q, k, v = F.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         if self.baseline:
@@ -1015,7 +1199,7 @@ class Attention(nn.Module):
         if self.track_max_logit and self.training:  # training steps only: eval data never steers QK-Clip
             self._record_max_logit(q, k)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=drop)
+        y = attend(q, k, v, self.scale, mask, drop)
         y = y.transpose(1, 2).reshape(B, T, C)
         return _dropout(F.linear(y * self.out_factor, self.proj), drop)
 
@@ -1049,8 +1233,8 @@ class Block(nn.Module):
         self.baseline = cfg.arch == "baseline"
         self.skip, self.branch = residual_coeffs(cfg)
 
-    def forward(self, x, cos, sin, acts=None):
-        for f in (lambda h: self.attn(h, cos, sin), self.mlp):
+    def forward(self, x, cos, sin, acts=None, mask=None):
+        for f in (lambda h: self.attn(h, cos, sin, mask), self.mlp):
             if self.baseline:
                 x = x + f(rms_norm(x))
             else:
@@ -1060,6 +1244,13 @@ class Block(nn.Module):
         return x
 
 
+@torch.compiler.disable  # an in-place write to a parameter: eager even inside the compiled model
+@torch.no_grad()
+def _renorm_rows(weight, idx, max_norm: float) -> None:
+    """nn.Embedding's max_norm: rows of weight looked up by idx with L2 norm > max_norm scaled to it (in place)."""
+    torch.embedding_renorm_(weight.detach(), idx.reshape(-1), max_norm, 2.0)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1067,35 +1258,48 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.d_model))
-        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
+        cos, sin = rope_tables(max(cfg.seq_len, val_len(cfg)), cfg.d_model // cfg.n_head, variant=cfg.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Paper init: q, k, v and W_in orthogonal at RMS->RMS norm min(1, w_max); output
-        projections and head zero; embedding rows Gaussian, projected to RMS <= emb_w_max."""
+        """Paper init: q, k, v and W_in orthogonal at RMS->RMS norm min(1, w_max) (hidden_init=ns_uniform:
+        the 145M scripts' Newton-Schulz of a uniform matrix instead); output projections and head zero;
+        embedding rows Gaussian, projected to RMS <= emb_w_max (embed_cap=lookup: capped when looked up)."""
         cfg = self.cfg
         gain = 1.0 if cfg.constraint == "none" else min(1.0, cfg.w_max)
         for b in self.blocks:
             for W in list(b.attn.qkv) + [b.mlp.fc]:
-                nn.init.orthogonal_(W)
+                if cfg.hidden_init == "ns_uniform":  # the scripts' uniform bound sqrt(3) x 0.5 / sqrt(d_in), then their NS
+                    W.uniform_(-NANOGPT_INIT_STD * math.sqrt(3 / W.size(1)), NANOGPT_INIT_STD * math.sqrt(3 / W.size(1)))
+                    W.copy_(msign(W, len(NANOGPT_NS), torch.float32 if cfg.dtype == "fp32" else torch.bfloat16, "reference"))
+                else:
+                    nn.init.orthogonal_(W)
                 W.mul_(gain * rms_scale(W))
             b.attn.proj.zero_()
             b.mlp.proj.zero_()
         nn.init.normal_(self.embed.weight)
-        if cfg.arch != "baseline":
+        if cfg.arch != "baseline" and cfg.embed_cap == "project":
             self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
         self.head.zero_()
 
     def hidden_matrices(self):
         return [p for b in self.blocks for p in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
 
-    def logits_from_embeddings(self, x, cos, sin, acts=None):
-        """Blocks and head on embedding outputs x (B, T, d): the map the certificate bounds."""
-        for block in self.blocks:
-            x = block(x, cos, sin, acts)
+    def logits_from_embeddings(self, x, cos, sin, acts=None, masks=None):
+        """Blocks and head on embedding outputs x (B, T, d): the map the certificate bounds (causal
+        attention; masks: one per layer, from attention_masks)."""
+        return self.logits(self.blocks_forward(x, cos, sin, acts, masks))
+
+    def blocks_forward(self, x, cos, sin, acts=None, masks=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, acts, None if masks is None else masks[i])
+        return x
+
+    def logits(self, x):
+        """The head on the last block's output (any leading shape), in fp32 under autocast."""
         if self.cfg.arch == "baseline":
             x = rms_norm(x)
         logits = F.linear(x, self.head)
@@ -1104,14 +1308,43 @@ class GPT(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
 
-    def forward(self, idx, targets=None, acts=None):
+    @torch.compiler.disable  # built eagerly (cheap block bookkeeping), also when called inside a compiled forward
+    def attention_masks(self, idx, step: int) -> list | None:
+        """One attention mask per layer for the batch idx (B, T) at `step` (doc_token, window_schedule,
+        layer_pattern): FlexAttention BlockMasks on CUDA (T a multiple of ATTN_BLOCK), dense boolean
+        masks otherwise; None when attention is plainly causal."""
+        cfg = self.cfg
+        if not masked_attention(cfg):
+            return None
+        flex = idx.is_cuda and idx.size(-1) % ATTN_BLOCK == 0  # FlexAttention needs whole blocks (sampling may not have them)
+        docs, build = doc_ids(idx, cfg.doc_token), flex_block_mask if flex else dense_mask
+        windows = layer_windows(step, cfg)
+        built = {w: build(docs, w) for w in set(windows)}
+        return [built[w] for w in windows]
+
+    def embed_tokens(self, idx):
+        """Embedding rows of idx; embed_cap=lookup renormalizes each looked-up row to RMS <= emb_w_max in
+        place first (nn.Embedding's max_norm, an L2 norm of emb_w_max sqrt(d_model), as the 145M scripts)."""
+        if self.cfg.embed_cap == "lookup":
+            _renorm_rows(self.embed.weight, idx, self.cfg.emb_w_max * math.sqrt(self.cfg.d_model))
+        return self.embed(idx)
+
+    def features(self, idx, acts=None, step: int | None = None, masks=None):
+        """The last block's output for idx (B, T), attention masked as at `step` (default: num_steps)
+        or by `masks` (from attention_masks: the training loop builds them outside the compiled model)."""
         T = idx.size(1)
         if T > self.rope_cos.size(0):
-            raise ValueError(f"sequence of {T} tokens is longer than seq_len={self.rope_cos.size(0)} (the RoPE tables)")
-        x = _dropout(self.embed(idx), self.cfg.dropout if self.training else 0.0)
+            limit = "seq_len" if self.rope_cos.size(0) == self.cfg.seq_len else "val_seq_len"
+            raise ValueError(f"sequence of {T} tokens is longer than {limit}={self.rope_cos.size(0)} (the RoPE tables)")
+        if masks is None:
+            masks = self.attention_masks(idx, self.cfg.num_steps if step is None else step)
+        x = _dropout(self.embed_tokens(idx), self.cfg.dropout if self.training else 0.0)
         if acts is not None:
             acts.append(x.detach())
-        logits = self.logits_from_embeddings(x, self.rope_cos, self.rope_sin, acts)
+        return self.blocks_forward(x, self.rope_cos, self.rope_sin, acts, masks)
+
+    def forward(self, idx, targets=None, acts=None, step: int | None = None, masks=None):
+        logits = self.logits(self.features(idx, acts, step, masks))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
@@ -1188,6 +1421,74 @@ class TrainLoader:
 
     def load_state_dict(self, sd):
         self.gen.set_state(sd["gen"])
+
+
+def steps_in_shard(n_tokens: int, batch_tokens: int) -> int:
+    """Steps a shard of n_tokens gives the sequential loader: reads start at 0, B, 2B, ... while
+    start + B + 1 < n_tokens (B = batch_tokens), the rule of the 145M scripts' loader."""
+    return (n_tokens - batch_tokens - 2) // batch_tokens + 1 if n_tokens >= batch_tokens + 2 else 0
+
+
+class SequentialLoader:
+    """The 145M reference scripts' training stream: the shards in sorted order, each token once. Step s
+    reads B = batch_tokens + 1 tokens from offset p of its shard (p = 0, B, 2B, ... while p + B + 1 <
+    shard length; then the next shard from 0); sequence j = a * world + rank of the step (micro-step a)
+    is tokens[p + j L : p + (j + 1) L + 1], L = micro_batch_tokens. With world x accum equal to the
+    scripts' world size this is their token layout exactly (rank r takes sequence r). The position is
+    a function of the step count alone: the loader's resume state."""
+
+    def __init__(self, pattern: str, batch_tokens: int, seq_len: int, vocab_size: int, steps: int):
+        files = find_shards(pattern, "train")
+        sizes = [len(read_shard(f)) for f in files]  # headers and memory maps only: nothing is read yet
+        per = [steps_in_shard(n, batch_tokens) for n in sizes]
+        if sum(per) < steps:
+            best = max(per)
+            need = "no shard holds one step" if best == 0 else (
+                f"at {best} steps per shard of {max(sizes)} tokens that is {-(-steps // best)} shards "
+                f"(FineWeb: python data/cached_fineweb10B.py {-(-steps // best)})")
+            raise DataError(f"train shards '{pattern}': {len(files)} shard(s) of {sum(sizes)} tokens cover {sum(per)} steps "
+                            f"of batch_tokens={batch_tokens} read in order, each token once; this run needs {steps} steps: "
+                            f"{need}. Add shards, or lower num_steps / stop_after")
+        self.files, self.sizes, self.per = files, sizes, per
+        self.batch_tokens, self.seq_len, self.step = batch_tokens, seq_len, 0
+        used, left = 0, steps
+        while left > 0:  # range-check every shard the run reads (~0.1 s per 100M tokens): fail now, not at step 10k
+            check_token_range(read_shard(files[used]), vocab_size, files[used])
+            left -= per[used]
+            used += 1
+        self._cached = (-1, None)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(shard index, token offset) of step's batch."""
+        for i, n in enumerate(self.per):
+            if step < n:
+                return i, step * self.batch_tokens
+            step -= n
+        raise DataError(f"the train shards cover {sum(self.per)} steps; step {sum(self.per) + step} is past them")
+
+    def next_batch(self, rows: int, rank: int, world: int, accum: int, device):
+        """This rank's `accum` micro-batches of one step, each (x, y) of shape (1, seq_len)."""
+        shard, p = self.position(self.step)
+        if self._cached[0] != shard:
+            self._cached = (shard, read_shard(self.files[shard]))
+        toks, L, out = self._cached[1], self.seq_len, []
+        for a in range(accum):
+            lo = p + (a * world + rank) * L
+            b = torch.from_numpy(toks[lo: lo + L + 1].astype(np.int64))[None]
+            b = (b.pin_memory() if device.type == "cuda" else b).to(device, non_blocking=True)
+            out.append((b[:, :-1], b[:, 1:]))
+        self.step += 1
+        return out
+
+    def state_dict(self):
+        return {"step": self.step, "files": [os.path.basename(f) for f in self.files], "tokens": self.sizes}
+
+    def load_state_dict(self, sd):
+        names = [os.path.basename(f) for f in self.files]
+        if sd["files"][: len(names)] != names[: len(sd["files"])] or sd["tokens"][: len(names)] != self.sizes[: len(sd["tokens"])]:
+            raise ValueError("the train shards differ from the checkpoint's (names or sizes): the sequential stream "
+                             "would not continue where it stopped; restore the shards it was trained on")
+        self.step = int(sd["step"])
 
 
 def load_val_tokens(pattern: str, n_tokens: int, seq_len: int, vocab_size: int) -> torch.Tensor:
@@ -1293,6 +1594,34 @@ def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
     return cfg
 
 
+def load_init_weights(model: GPT, path: str) -> None:
+    """init_weights: replace the model's weights by those of `path`, a state dict in this GPT's names or
+    {'model': state dict} (any float dtype; stored in the model's). Every key and shape must match."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"init_weights={path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for files that are not (safe) torch pickles
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"init_weights={path}: not a loadable torch file ({msg})") from None
+    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f"init_weights={path}: expected a state dict of named tensors or {{'model': state dict}}")
+    own = model.state_dict()
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [f"{k} has shape {tuple(sd[k].shape)}, the model {tuple(v.shape)}" for k, v in own.items()
+                 if k in sd and sd[k].shape != v.shape]
+    problems += [f"{k} is not floating point and finite" for k, v in own.items()
+                 if k in sd and sd[k].shape == v.shape and not (sd[k].is_floating_point() and bool(torch.isfinite(sd[k]).all()))]
+    if problems:
+        raise CheckpointError(f"init_weights={path} does not fit this config's GPT ({'; '.join(problems[:6])}"
+                              f"{'; ...' if len(problems) > 6 else ''}); see --help init_weights for the names")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k])
+
+
 def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, dict]:
     """Rebuild the model of a checkpoint from its saved config; needs nothing else."""
     ck = load_checkpoint(path, map_location)
@@ -1350,6 +1679,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def run_steps(cfg: Config) -> int:
+    """Steps this run trains: stop_after when set (the schedules still follow num_steps), else num_steps."""
+    return cfg.stop_after or cfg.num_steps
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     """Flat, then linear decay to final_lr_frac over the last cooldown_frac of the steps."""
     t = step / cfg.num_steps
@@ -1393,7 +1727,8 @@ def build_optimizers(model: GPT, cfg: Config):
                           momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, nesterov=cfg.nesterov,
                           coupling=cfg.soft_cap_coupling, ns_dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16,
-                          shares=shares, row_inflation=cfg.embed_max_inflation)
+                          shares=shares, row_inflation=cfg.embed_max_inflation, ns_kind=cfg.ns_coeffs,
+                          cap_dtype=torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32)
     adam = None
     if adam_params:
         adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -1407,7 +1742,7 @@ def project_rowwise(model: GPT, cfg: Config) -> None:
     and a non-spectral head's rows. Lipschitz archs only: the baseline has no constraints."""
     if cfg.arch == "baseline":
         return
-    if cfg.embed_update == "adam":
+    if cfg.embed_update == "adam" and cfg.embed_cap == "project":
         model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
     if not cfg.head_spectral:
         model.head.copy_(project_rows(model.head, cfg.head_w_max))
@@ -1480,34 +1815,43 @@ class ActivationMax:
         torch.maximum(self.out, torch.stack([a.abs().max(), a.pow(2).mean(-1).sqrt().max()]).double(), out=self.out)
 
 
+EVAL_LOGIT_TOKENS = 1 << 15  # evaluate applies the head to at most this many positions at once: 6.6 GB of fp32
+                             # logits at vocab 50304 (a 262,144-token val sequence at once would need 53 GB)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int,
-             starts: torch.Tensor | None = None) -> dict:
-    """Val loss and accuracy over the windows val[s : s + seq_len + 1], s in starts (default: every
-    whole non-overlapping window), split over ranks and all-reduced, and the largest activation
-    entry / RMS of the residual stream."""
+             starts: torch.Tensor | None = None, seq_len: int | None = None, step: int | None = None) -> dict:
+    """Val loss and accuracy over the sequences val[s : s + seq_len + 1], s in starts (default: every
+    whole non-overlapping sequence), seq_len default cfg.seq_len, attention masked as at `step`
+    (default num_steps), split over ranks and all-reduced; the largest activation entry / RMS of the
+    residual stream and the largest |logit| (max_logit)."""
     rank, world = dist_info()
-    T = cfg.seq_len
+    T = seq_len or cfg.seq_len
     if starts is None:
         starts = torch.arange((val.numel() - 1) // T) * T
     idx = starts[rank::world]
-    stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms
+    stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms, max|logit|
     model.eval()
     for i in range(0, len(idx), rows):
         pos = idx[i:i + rows, None] + torch.arange(T + 1)[None]
         b = val[pos].to(device)
-        x, y = b[:, :-1], b[:, 1:]
+        x, y = b[:, :-1].reshape(-1, T), b[:, 1:].reshape(-1)
         with autocast_ctx:
-            logits = model(x, acts=ActivationMax(stats[3:]))
-        stats[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").double()
-        stats[1] += (logits.argmax(-1) == y).sum()
+            h = model.features(x, acts=ActivationMax(stats[3:5]), step=step)
+            h = h.reshape(-1, h.size(-1))
+            for lo in range(0, h.size(0), EVAL_LOGIT_TOKENS):
+                logits, t = model.logits(h[lo:lo + EVAL_LOGIT_TOKENS]), y[lo:lo + EVAL_LOGIT_TOKENS]
+                stats[0] += F.cross_entropy(logits, t, reduction="sum").double()
+                stats[1] += (logits.argmax(-1) == t).sum()
+                stats[5] = torch.maximum(stats[5], logits.abs().max().double())
         stats[2] += y.numel()
     model.train()
     if world > 1:
         dist.all_reduce(stats[:3])
         dist.all_reduce(stats[3:], op=dist.ReduceOp.MAX)
     return {"val_loss": float(stats[0] / stats[2]), "val_acc": float(stats[1] / stats[2]),
-            "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4])}
+            "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4]), "max_logit": float(stats[5])}
 
 
 # -----------------------------------------------------------------------------
@@ -1748,11 +2092,16 @@ class Run:
             self.run_dir, self.resume_path, ck = resolve_run(cfg)
             cfg.out_dir = self.run_dir
             check_data_meta(cfg)
-            self.loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
-            self.val = load_val_tokens(cfg.val_bin, cfg.val_tokens, cfg.seq_len, cfg.vocab_size)
+            if cfg.loader == "sequential":
+                self.loader = SequentialLoader(cfg.train_bin, cfg.batch_tokens, cfg.seq_len, cfg.vocab_size, run_steps(cfg))
+            else:
+                self.loader = TrainLoader(cfg.train_bin, cfg.seq_len, cfg.vocab_size, cfg.seed)
+            self.val = load_val_tokens(cfg.val_bin, cfg.val_tokens, val_len(cfg), cfg.vocab_size)
             self.val_slice = load_val_slice(cfg) if cfg.val_slice_windows else None
             torch.manual_seed(cfg.seed)
             self.model = GPT(cfg).to(device)
+            if cfg.init_weights and ck is None:  # a resume restores its own weights
+                load_init_weights(self.model, cfg.init_weights)
             self.mat_opt, self.adam = build_optimizers(self.model, cfg)
             self.step = restore(ck, self.resume_path, self.model, self.mat_opt, self.adam, self.loader) if ck is not None else 0
             del ck
@@ -1794,7 +2143,8 @@ class Run:
         """Val loss and accuracy (and on the reference's slice), activation maxima and, on rank 0,
         every matrix's norm; logged and returned. train_loss is None before the first step."""
         cfg = self.cfg
-        m = evaluate(self.model, self.val, cfg, self.device, self.autocast, self.rows)
+        m = evaluate(self.model, self.val, cfg, self.device, self.autocast, max(1, cfg.micro_batch_tokens // val_len(cfg)),
+                     seq_len=val_len(cfg), step=step)
         if self.val_slice is not None:
             sl = evaluate(self.model, self.val_slice, cfg, self.device, self.autocast, self.rows,
                           torch.arange(cfg.val_slice_windows))
@@ -1806,7 +2156,7 @@ class Run:
             m["norms"] = n = matrix_norms(self.model)
             sl = f"slice_val_loss:{m['slice_val_loss']:.4f} " if "slice_val_loss" in m else ""
             self.log(f"step:{step}/{cfg.num_steps} val_loss:{m['val_loss']:.4f} val_acc:{m['val_acc']:.4f} {sl}"
-                     f"max_act_entry:{m['max_act_entry']:.4g} max_act_rms:{m['max_act_rms']:.4g} "
+                     f"max_act_entry:{m['max_act_entry']:.4g} max_logit:{m['max_logit']:.4g} max_act_rms:{m['max_act_rms']:.4g} "
                      f"max_hidden_norm:{max(v for k, v in n.items() if k.startswith('blocks')):.4f} head_norm:{n['head']:.4f}",
                      record=m)
         if self.wandb:
@@ -1870,9 +2220,10 @@ def train(cfg: Config) -> dict:
         run = Run(cfg)  # checks, builds and resumes everything, then writes the run directory
         model, mat_opt, adam, step = run.model, run.mat_opt, run.adam, run.step
         metrics, train_loss, train_s, t0 = {}, None, 0.0, time.perf_counter()
+        end = run_steps(cfg)
         while True:
-            last = step >= cfg.num_steps
-            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
+            last = step >= end
+            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0) or (step == 0 and cfg.eval_at_start):
                 metrics = run.evaluate(step, train_loss)
             if last:
                 return run.finish(step, metrics, train_s, t0)
@@ -1884,8 +2235,9 @@ def train(cfg: Config) -> dict:
             frac = set_schedule(mat_opt, adam, step, cfg)
             loss_sum = torch.zeros((), device=run.device)
             for x, y in run.loader.next_batch(run.rows, run.rank, run.world, run.accum, run.device):
+                masks = model.attention_masks(x, step)  # built outside the compiled model; None: causal
                 with run.autocast:
-                    loss = run.fwd(x, y)
+                    loss = run.fwd(x, y, masks=masks)
                 (loss / run.accum).backward()
                 loss_sum += loss.detach()
             loss_sum = all_reduce_grads(model, loss_sum)
@@ -1904,7 +2256,7 @@ def train(cfg: Config) -> dict:
                 run.log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
                         f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
                         record={"step": step, "train_loss": train_loss, "lr_frac": frac})
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.num_steps:
+            if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 run.save_checkpoint(step)
 
 

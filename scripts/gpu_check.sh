@@ -8,7 +8,10 @@
 #   3. the same benchmark for configs/shakespeare_char.toml (plain recipe in fp32 and bf16);
 #   4. 50 training steps of a tiny config (the quickstart model) on the CPU in fp32 and on the GPU
 #      in bf16 with torch.compile, same seed and data: the per-step train losses must agree
-#      within LOSS_TOL (bf16 tolerance).
+#      within LOSS_TOL (bf16 tolerance);
+#   5. the 145M configs' attention on CUDA (FlexAttention BlockMasks with documents, window and long/
+#      short layers): loss and gradients against the dense masks, eager and compiled, no recompiles
+#      as the window grows (tests/test_nanogpt_pipeline.py -k cuda).
 # Outputs (logs, JSON figures, summary.txt) go to $OUT if set, else logs/gpu_check/.
 # On a machine without CUDA it says so and runs the CPU benchmark of step 3 only.
 #   bash scripts/gpu_check.sh            # PYTHON=python3, LOSS_TOL=0.05 by default
@@ -138,6 +141,9 @@ print(f"loss match over {len(steps)} steps: max |diff| {diffs[worst]:.4f} at ste
       f"loss {a[steps[0]]:.3f} -> {a[steps[-1]]:.3f} (cpu); tolerance {tol}: {'PASS' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 EOF
+
+# 5. FlexAttention masks on CUDA against the dense masks ------------------------------------------------
+part flex_attention_cuda 300 "$PY" -m pytest -q -x tests/test_nanogpt_pipeline.py -k cuda
 
 # summary -------------------------------------------------------------------------------------------
 note ""

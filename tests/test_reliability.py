@@ -242,8 +242,8 @@ def test_nonfinite_loss_stops(data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     real, calls = train_gpt.GPT.forward, [0]
 
-    def nan_loss_in_step_4(self, idx, targets=None, acts=None):
-        y = real(self, idx, targets, acts)
+    def nan_loss_in_step_4(self, idx, targets=None, acts=None, **kw):
+        y = real(self, idx, targets, acts, **kw)
         if targets is not None:
             calls[0] += 1
             if calls[0] == 7:  # 2 micro-batches per step: step 4's first
@@ -510,13 +510,15 @@ def test_fuzz_random_bytes(reference, data, tmp_path, capsys):
                     fh.write(blob)
                 r = check(kind, path)
                 outcomes[(kind, r)] = outcomes.get((kind, r), 0) + 1
-        # the same through main(): one line, exit code 2
+        # the same through main(): one line, exit code 2 (a flip in bytes the loader skips, such as the
+        # zip's alignment padding, leaves the content intact: that checkpoint resumes)
         for j, blob in enumerate(list(variants(good["ckpt"], 4)) + [os.urandom(300)]):
             path = str(tmp_path / f"resume{j}.pt")
             with open(path, "wb") as fh:
                 fh.write(blob)
+            intact = check("ckpt", path) == "ok"
             rc, err = go(capsys, data, str(tmp_path / f"r{j}"), resume=path)
-            assert rc == 2 and path in one_error_line(err)
+            assert rc == 0 if intact else rc == 2 and path in one_error_line(err)
         path = str(tmp_path / "random.toml")
         with open(path, "wb") as fh:
             fh.write(bytes(rng.getrandbits(8) for _ in range(200)))
