@@ -548,6 +548,16 @@ def fmt(log10: float) -> str:
 # Public API
 
 
+def analysis_choices(cfg, rope: str = "auto", activation: str = "auto") -> tuple[bool, bool]:
+    """(exact_rope, ellipsoid) that certify uses: m_h maximized over RoPE offsets when rope is exact, or
+    auto and n_layer n_head seq_len <= ROPE_EXACT_MAX_WORK (else sigma(W_q^h) sigma(W_k^h)); activation
+    sets as ellipsoids when activation is ellipsoid, or auto and n_layer d_model^2 <= ELLIPSOID_MAX_WORK
+    (else norm balls). The 145M config gets the offset-free bound and norm balls."""
+    exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
+    ellipsoid = activation == "ellipsoid" or (activation == "auto" and cfg.n_layer * cfg.d_model ** 2 <= ELLIPSOID_MAX_WORK)
+    return exact_rope, ellipsoid
+
+
 def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False, rope: str = "auto",
             effort: float = 1.0, seed: int = 0, data: torch.Tensor | None = None, searches=SEARCHES,
             progress: bool = False, activation: str = "auto", jac_lengths=(16, 64)) -> dict:
@@ -570,10 +580,9 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
         raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified (the baseline's "
                                "RMSNorm and QK-norm have no global Lipschitz bound)")
     _check_state(state_dict, cfg)
-    exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
+    exact_rope, ellipsoid = analysis_choices(cfg, rope, activation)
     t0 = time.perf_counter()
     pre = collect_norms(state_dict, cfg, exact_rope)
-    ellipsoid = activation == "ellipsoid" or (activation == "auto" and cfg.n_layer * cfg.d_model ** 2 <= ELLIPSOID_MAX_WORK)
     results = {m: _bound(pre, cfg, m, ellipsoid) for m in (MODES if mode == "all" else (mode,))}
     main_mode = "tight" if mode == "all" else mode
     out = dict(results[main_mode])

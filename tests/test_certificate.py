@@ -115,6 +115,65 @@ def test_mlp_and_final_scale_by_hand():
     assert 10 ** cert["modes"]["paper_code"]["log10_bound"] == pytest.approx(paper / 3, rel=1e-7)
 
 
+
+ANALYSES = [("exact", "ellipsoid"), ("bound", "ellipsoid"), ("exact", "scalar"), ("bound", "scalar")]
+
+
+@pytest.mark.parametrize("rope,activation", ANALYSES)
+def test_two_layers_by_hand_in_every_analysis(rope, activation):
+    """Two layers of q = k = v = o = w I (one head), MLP zero, head I, under each q-k bound (RoPE offsets
+    or the offset-free sigma_q sigma_k) and each activation set (ellipsoids or norm balls, which auto
+    picks for the 145M model). Layer 1's attention sees the activation bound a_2 = r0 (skip + branch w^2/3)
+    skip, so a wrong ball recursion or q-k bound changes the number:
+    L = (skip + branch (w^2/3)(1 + 2 s r0^2 w^2)) skip (skip + branch (w^2/3)(1 + 2 s a_2^2 w^2)) skip."""
+    s, w = 4.0, 1.5
+    cfg = tiny_cfg(n_layer=2, softmax_scale=s)
+    m = identity_model(cfg, w)
+    cert = lb.certify(m.state_dict(), cfg, "tight", rope=rope, activation=activation)
+    assert cert["rope"] == ("max over RoPE offsets" if rope == "exact" else "sigma(W_q^h) sigma(W_k^h) (offset-free)")
+    assert cert["activation_sets"] == ("ellipsoids" if activation == "ellipsoid" else "norm balls")
+    skip, branch = tg.residual_coeffs(cfg)
+    f, r0 = tg.attn_out_factor(cfg), cert["radius"]
+    a2 = r0 * (skip + branch * f * w * w) * skip
+    expect = ((skip + branch * f * w * w * (1 + 2 * s * r0 ** 2 * w * w)) * skip
+              * (skip + branch * f * w * w * (1 + 2 * s * a2 ** 2 * w * w)) * skip)
+    assert 10 ** cert["log10_bound"] == pytest.approx(expect, rel=1e-8)
+    row = next(r for r in cert["per_block"] if r["block"] == "attn 1")
+    assert 10 ** row["log10_act_in"] == pytest.approx(a2, rel=1e-8)
+
+
+def test_offset_free_rope_bound_is_the_product_of_slice_norms():
+    """rope=bound uses m_h = sigma(W_q^h) sigma(W_k^h) (against an SVD of each head's slices); the
+    offsets' maximum is strictly below it on random weights, so with one head every offset-free bound is
+    larger, and norm balls are looser than ellipsoids."""
+    cfg = tiny_cfg(n_layer=2, n_head=4, d_model=32, softmax_scale=8.0)
+    m = random_model(cfg, 2.0, seed=7)
+    c = {(r, a): lb.certify(m.state_dict(), cfg, "tight", rope=r, activation=a) for r, a in ANALYSES}
+    dh = cfg.d_model // cfg.n_head
+    for i, blk in enumerate(m.blocks):
+        Wq, Wk = blk.attn.qkv[0].double(), blk.attn.qkv[1].double()
+        prod = max(torch.linalg.svdvals(Wq[h * dh:(h + 1) * dh])[0].item() * torch.linalg.svdvals(Wk[h * dh:(h + 1) * dh])[0].item()
+                   for h in range(cfg.n_head))
+        row = {k: next(r for r in v["per_block"] if r["block"] == f"attn {i}")["norms"] for k, v in c.items()}
+        for a in ("ellipsoid", "scalar"):
+            assert row[("bound", a)]["max_m_qk"] == pytest.approx(prod, rel=1e-9)
+            assert row[("exact", a)]["max_m_qk"] < 0.95 * prod
+    # with one head no option avoids m_h (with several, the shared-query option may be the smallest)
+    cfg = tiny_cfg(n_layer=2, n_head=1, d_model=32, softmax_scale=8.0)
+    m = random_model(cfg, 2.0, seed=7)
+    b = {(r, a): lb.certify(m.state_dict(), cfg, "tight", rope=r, activation=a)["log10_bound"] for r, a in ANALYSES}
+    assert b[("bound", "scalar")] > b[("exact", "scalar")] > b[("exact", "ellipsoid")]
+    assert b[("bound", "scalar")] > b[("bound", "ellipsoid")] > b[("exact", "ellipsoid")]
+
+
+def test_auto_picks_offset_free_rope_and_norm_balls_for_the_145M_model():
+    """analysis_choices is what certify uses: the 145M config (train_gpt defaults) is above both work
+    limits, a Shakespeare-sized one below both."""
+    assert lb.analysis_choices(tg.Config()) == (False, False)
+    assert lb.analysis_choices(tg.Config(n_layer=3, n_head=4, d_model=256, seq_len=256)) == (True, True)
+    assert lb.analysis_choices(tg.Config(), "exact", "ellipsoid") == (True, True)
+    assert lb.analysis_choices(tiny_cfg(), "bound", "scalar") == (False, False)
+
 def test_norms_are_upper_bounds_and_match_trainer_log():
     cfg = tiny_cfg(n_layer=2, n_head=4, d_model=32, vocab_size=24)
     m = random_model(cfg, 1.7, seed=3)
