@@ -601,3 +601,125 @@ def test_checkpoint_cli_json_and_errors(tmp_path, monkeypatch):
     assert "none" in lb.summary_line(lb.certify_checkpoint(str(base)))
     r = run_cli(base)
     assert r.returncode == 2 and "baseline" in r.stderr
+
+
+# ---- the published algorithm from per-matrix norms alone
+
+
+def appendix_b(norms, cfg, code=False):
+    """The published algorithm written out (arXiv 2507.13338, Appendix B; code=True: the published code's
+    placement of s, no final_scale), independently of lipschitz_bound: activation bound a from the gains,
+    each sub-block's factor skip + branch L_sub."""
+    skip, branch = tg.residual_coeffs(cfg)
+    f, c, s = tg.attn_out_factor(cfg), tg.GELU_MAX_SLOPE, cfg.softmax_scale
+    a, L = max(cfg.emb_w_max, norms.get("embed.max_row_rms", 0.0)), 1.0
+    for i in range(cfg.n_layer):
+        q, k, v, o, fc, pr = (norms[f"blocks.{i}.{n}"] for n in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj"))
+        L *= skip + branch * (s if code else 1.0) * f * o * v * (1 + 2 * (1.0 if code else s) * a * a * q * k)
+        a *= skip + branch * f * o * v
+        L *= skip + branch * fc * pr / c
+        a *= skip + branch * fc * pr / c
+    return L * norms["head"] * (1.0 if code else cfg.final_scale)
+
+
+@pytest.mark.parametrize("arch", ["lipschitz", "plain_residual"])
+def test_paper_from_norms_equals_the_weight_based_modes(arch):
+    """The trainer's logged norms (train_gpt.matrix_norms) give the numbers certify gives from the weights
+    in paper and paper_code (which add ~1e-12 rounding allowances to each norm), and both equal the
+    written-out Appendix B."""
+    cfg = tiny_cfg(n_layer=2, n_head=4, d_model=32, softmax_scale=8.0, final_scale=2.0, arch=arch)
+    m = random_model(cfg, 2.0, seed=11)
+    cert = lb.certify(m.state_dict(), cfg, "all")["modes"]
+    norms = tg.matrix_norms(m)
+    res = lb.paper_bound_from_norms(norms, cfg)
+    for mode in ("paper", "paper_code"):
+        assert res["modes"][mode]["log10_bound"] == pytest.approx(cert[mode]["log10_bound"], abs=1e-9)
+        assert [r["block"] for r in res["modes"][mode]["per_block"]] == [r["block"] for r in cert[mode]["per_block"]]
+        assert 10 ** res["modes"][mode]["log10_bound"] == pytest.approx(appendix_b(norms, cfg, mode == "paper_code"), rel=1e-10)
+    assert "tight" not in res.get("modes", {}) and "needs the weights" in res["tight"]
+    with pytest.raises(lb.CertificateError, match="needs the weights"):
+        lb.paper_bound_from_norms(norms, cfg, "tight")
+    bad = dict(norms)
+    del bad["blocks.1.mlp.fc"]
+    with pytest.raises(lb.CertificateError, match=r"1 missing \(blocks.1.mlp.fc\)"):
+        lb.paper_bound_from_norms(bad, cfg)
+    with pytest.raises(lb.CertificateError, match="unknown"):
+        lb.paper_bound_from_norms(norms, tiny_cfg(n_layer=1, n_head=4, d_model=32))
+    with pytest.raises(lb.CertificateError, match="finite number"):
+        lb.paper_bound_from_norms(dict(norms, head=-1.0), cfg)
+
+
+def reference_log(norms_by_step):
+    """A log in the format of the reference's NanoGPT scripts: '>>> Weights:' with each matrix's RMS->RMS
+    norm to 4 decimals, activation blocks, then the eval's step line."""
+    names = {v: k for k, v in lb.REFERENCE_LOG_NAMES.items()}
+    lines = ["code ...", "=" * 20]
+    for step, norms in norms_by_step.items():
+        lines.append(">>> Weights:")
+        lines.append("_orig_mod.embed.weight                   (16, 16) :  l1->RMS:7.4688, RMS->RMS:386.3983")
+        for k, v in norms.items():
+            if k.startswith("blocks."):
+                i, rest = k[7:].split(".", 1)
+                lines.append(f"_orig_mod.blocks.{i}.{names[rest]}.weight    (16, 16)   : RMS->RMS:{v:.4f}")
+        lines.append(f"_orig_mod.lm_head.weight                 (16, 16) : RMS->INF:166.5384, RMS->RMS:{norms['head']:.4f}")
+        lines += [">>> Act RMS Norms:", "Embed:     1.0000", "Logits:    0.7060", ">>> Act Max Entries:", "Logits:    23.1250",
+                  f"step:{step}/5 val_loss:5.3999 val_acc:0.2140 train_time:947045ms step_avg:152.75ms", ">>> Grads:",
+                  "_orig_mod.blocks.0.attn.attn_q.weight    (16, 16)   : RMS->RMS:9.0000"]
+    return "\n".join(lines) + "\n"
+
+
+def cli(capsys, *args):
+    """lipschitz_bound.main in this process: (exit code, stdout, stderr)."""
+    rc = lb.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_norms_cli_reads_metrics_jsonl_json_and_reference_logs(tmp_path, capsys):
+    """--norms: a run directory's metrics.jsonl (config.json beside it; the last eval or --step), a JSON
+    object, a reference NanoGPT log; --at_cap from a TOML config; errors name what is missing."""
+    cfg = tiny_cfg(n_layer=2, n_head=2, softmax_scale=4.0, final_scale=2.0)
+    n0, n5 = tg.matrix_norms(random_model(cfg, 1.0, seed=1)), tg.matrix_norms(random_model(cfg, 1.5, seed=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(tg.dataclasses.asdict(cfg)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 0, "val_loss": 3.0, "norms": n0}, {"step": 3, "train_loss": 2.0}, {"step": 5, "val_loss": 2.0, "norms": n5})))
+    for extra, norms in (((), n5), (("--step", 0), n0)):
+        rc, out, err = cli(capsys, "--norms", run / "metrics.jsonl", "--json", *extra)
+        assert rc == 0, err
+        out = json.loads(out)
+        for mode in ("paper", "paper_code"):
+            assert 10 ** out["modes"][mode]["log10_bound"] == pytest.approx(appendix_b(norms, cfg, mode == "paper_code"), rel=1e-10)
+    rc, out, _ = cli(capsys, "--norms", run / "metrics.jsonl")
+    assert rc == 0 and "step 5" in out and "bound (paper)" in out and "needs the weights" in out
+    (tmp_path / "norms.json").write_text(json.dumps({"norms": n0}))
+    rc, out, err = cli(capsys, "--norms", tmp_path / "norms.json", "--config", run / "config.json", "--json", "--mode", "paper")
+    assert rc == 0, err
+    assert 10 ** json.loads(out)["log10_bound"] == pytest.approx(appendix_b(n0, cfg), rel=1e-10)
+    (tmp_path / "ref.txt").write_text(reference_log({0: n0, 5: n5}))
+    rounded = {k: round(v, 4) for k, v in n5.items() if k != "embed.max_row_rms"}
+    rc, out, err = cli(capsys, "--norms", tmp_path / "ref.txt", "--config", run / "config.json", "--json")
+    assert rc == 0, err
+    out = json.loads(out)
+    assert out["step"] == 5 and out["norms"] == rounded  # the embedding's stored rows are not what the blocks see
+    assert 10 ** out["log10_bound"] == pytest.approx(appendix_b(rounded, cfg), rel=1e-10)
+    toml = os.path.join(ROOT, "configs", "paper", "w1_spectral_normalize_fs8.toml")
+    rc, out, err = cli(capsys, "--at_cap", "--config", toml, "--json")
+    assert rc == 0, err
+    big = tg.parse_config(["--config", toml])
+    at_cap = 10 ** json.loads(out)["log10_bound"]
+    assert at_cap == pytest.approx(appendix_b(lb.norms_at_cap(big), big), rel=1e-10)
+    assert 600 < at_cap < 630  # the preprint's 600 for this row: the published algorithm at the cap
+
+    (tmp_path / "lone.jsonl").write_text(json.dumps({"step": 0, "norms": n0}) + "\n")
+    for args, needle in [(("--norms", run / "metrics.jsonl", "--mode", "tight"), "needs the weights"),
+                         (("--norms", run / "metrics.jsonl", "--empirical"), "needs the weights"),
+                         (("--norms", run / "metrics.jsonl", "--step", 4), "logged steps: 0, 5"),
+                         (("--norms", tmp_path / "lone.jsonl"), "pass --config"),
+                         (("--norms", tmp_path / "norms.json"), "pass --config"),
+                         (("--norms", tmp_path / "missing.json", "--config", run / "config.json"), "no such file"),
+                         (("--norms", run / "metrics.jsonl", "--config", toml), "not those of this config"),
+                         (("--at_cap",), "pass --config"), ((), "give a checkpoint")]:
+        rc, _, err = cli(capsys, *args)
+        assert rc == 2 and needle in err, (args, err)
