@@ -3,6 +3,8 @@
     python lipschitz_bound.py logs/<run>/ckpt_final.pt                      # every mode, as a table
     python lipschitz_bound.py logs/<run>/ckpt_final.pt --mode tight --empirical
     python lipschitz_bound.py logs/<run>/ckpt_final.pt --json
+    python lipschitz_bound.py --norms logs/<run>/metrics.jsonl            # published algorithm from logged norms
+    python lipschitz_bound.py --at_cap --config configs/paper/w8_soft_cap.toml   # ... with every matrix at its cap
 
 What is certified (docs/certificate.md has the proofs). The map F from embedding outputs to logits:
 causal attention with RoPE, GELU MLPs, residuals skip x + branch f(x) (train_gpt.residual_coeffs: convex
@@ -35,6 +37,9 @@ Modes
   every position's residual vector (weighted Minkowski sums), which also bound each head's query,
   key and value norms in the softmax term. With one head tight <= paper with the MLP constant
   corrected (`log10_bound_mlp_corrected`).
+- --norms / --at_cap: paper and paper_code from per-matrix RMS->RMS norms alone (a run's metrics.jsonl, a
+  JSON object of norms, a log of the reference's NanoGPT scripts, or every matrix at its cap), so the
+  published column can be rebuilt from logs; tight needs the weights.
 
 Every matrix norm is a guaranteed upper bound: float64 Gram eigenvalues (train_gpt.spectral_norm_exact)
 plus a priori float64 rounding bounds, never power iteration. Bounds are carried as log10, so 10^264
@@ -52,6 +57,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -59,7 +65,7 @@ import torch
 
 from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope,
                        atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
-                       load_checkpoint, load_val_tokens, named_matrices, residual_coeffs, rms_scale, rope_tables,
+                       load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables,
                        spectral_norm_exact, validate_config)
 
 MODES = ("paper", "paper_code", "tight")
@@ -547,7 +553,181 @@ def fmt(log10: float) -> str:
 
 
 # -----------------------------------------------------------------------------
+# The published algorithm from per-matrix norms alone (no weights)
+
+PAPER_MODES = ("paper", "paper_code")
+NEEDS_WEIGHTS = ("the sound bound (tight) needs the weights (per-head slices, products such as W_o^h W_v^h, "
+                 "RoPE offsets): python lipschitz_bound.py CKPT")
+REFERENCE_LOG_NAMES = {"attn.attn_q": "attn.q", "attn.attn_k": "attn.k", "attn.attn_v": "attn.v",
+                       "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+
+
+def norm_keys(cfg) -> list:
+    """The keys of train_gpt.matrix_norms for cfg (embed.max_row_rms, then every matrix), in parameter order."""
+    with torch.device("meta"):
+        params = dict(GPT(cfg).named_parameters())
+    return ["embed.max_row_rms" if k == "embed.weight" else k for k, _ in named_matrices(params)]
+
+
+def _pre_from_norms(norms: dict, cfg) -> dict:
+    """What the published algorithm (paper, paper_code) reads: whole-matrix RMS->RMS norms, the head's
+    norm and the largest embedding row RMS (emb_w_max where the norms do not give it)."""
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        layers.append({"sigma": {n: norms[p + k] for n, k in (("q", "attn.q"), ("k", "attn.k"), ("v", "attn.v"),
+                                                              ("o", "attn.proj"))},
+                       "fc": norms[p + "mlp.fc"], "proj": norms[p + "mlp.proj"]})
+    return {"layers": layers, "head": norms["head"], "emb": norms.get("embed.max_row_rms", cfg.emb_w_max)}
+
+
+def norms_at_cap(cfg) -> dict:
+    """Every hidden matrix at RMS->RMS norm w_max, the head at head_w_max, embedding rows at emb_w_max: the
+    largest value the published algorithm can give for a model trained under these caps."""
+    caps = {"head": cfg.head_w_max, "embed.max_row_rms": cfg.emb_w_max}
+    return {k: caps.get(k, cfg.w_max) for k in norm_keys(cfg)}
+
+
+def _check_norms(norms, cfg) -> dict:
+    if not isinstance(norms, dict):
+        raise CertificateError(f"norms must be a JSON object of name -> RMS->RMS norm, got {type(norms).__name__}")
+    want = norm_keys(cfg)
+    missing = [k for k in want if k not in norms and k != "embed.max_row_rms"]
+    extra = sorted(set(norms) - set(want))
+    if missing or extra:
+        raise CertificateError(
+            f"the norms are not those of this config (n_layer={cfg.n_layer}): "
+            + (f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"{len(extra)} unknown ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})" if extra else "")
+            + f"; give the config the run used (--config) and norms keyed as train_gpt.matrix_norms logs them ({want[1]}, ...)")
+    out = {}
+    for k, v in norms.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+            raise CertificateError(f"norm '{k}' is {v!r}: each norm must be a finite number >= 0")
+        out[k] = float(v)
+    return out
+
+
+def paper_bound_from_norms(norms: dict, config, mode: str = "all") -> dict:
+    """The published algorithm (--mode paper, paper_code; not an upper bound in general) from per-matrix
+    RMS->RMS norms alone, keyed as train_gpt.matrix_norms (a run's metrics.jsonl logs them at every eval).
+    The same numbers as certify(weights) gives in these modes, up to the certificate's ~1e-12 rounding
+    allowance on each norm. mode: paper | paper_code | all."""
+    cfg = _config(config)
+    if mode not in PAPER_MODES + ("all",):
+        raise CertificateError(f"mode {mode!r} from norms alone: choose paper, paper_code or all; {NEEDS_WEIGHTS}")
+    if cfg.arch == "baseline":
+        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified")
+    norms = _check_norms(norms, cfg)
+    pre = _pre_from_norms(norms, cfg)
+    results = {m: _bound(pre, cfg, m) for m in (PAPER_MODES if mode == "all" else (mode,))}
+    out = dict(results["paper" if mode == "all" else mode])
+    out["mode"] = mode
+    if mode == "all":
+        out["modes"] = results
+    out["norms"], out["radius"], out["tight"] = norms, max(cfg.emb_w_max, pre["emb"]), NEEDS_WEIGHTS
+    return out
+
+
+def _reference_log_norms(text: str) -> dict:
+    """{step: norms} from a log of the reference's NanoGPT scripts (Arongil/lipschitz-transformers,
+    nanogpt/train_spectral_*.py), which print every matrix's RMS->RMS norm (4 decimals) under '>>> Weights:'
+    before each 'step:N/M val_loss' line. Names are mapped to train_gpt.matrix_norms keys. The embedding is
+    left out: the reference looks rows up through nn.Embedding(max_norm = emb_w_max sqrt(d)), so the blocks
+    see rows of RMS <= emb_w_max whatever the stored rows' norms (the algorithm then starts at emb_w_max)."""
+    out, cur, done = {}, None, None
+    for line in text.splitlines():
+        if line.startswith(">>> "):
+            done, cur = (cur, {}) if line.startswith(">>> Weights") else (cur if cur is not None else done, None)
+            continue
+        m = re.match(r"step:(\d+)/\d+ val_loss", line)
+        if m:
+            if done:
+                out[int(m.group(1))] = done
+            done = None
+            continue
+        m = cur is not None and re.match(r"(?:_orig_mod\.)?(\S+)\.weight\s.*RMS->RMS:\s*(-?[\d.]+)", line)
+        if m:
+            name, v = m.group(1), abs(float(m.group(2)))  # a zero matrix prints -0.0000
+            if name == "lm_head":
+                cur["head"] = v
+            elif name.startswith("blocks."):
+                i, rest = name[7:].split(".", 1)
+                if rest in REFERENCE_LOG_NAMES:
+                    cur[f"blocks.{i}.{REFERENCE_LOG_NAMES[rest]}"] = v
+    return out
+
+
+def load_norms(path: str, step: int | None = None) -> tuple[dict, int | None, str]:
+    """(norms, step, kind) from a JSON object of norms (or {"norms": {...}}), a run's metrics.jsonl (the
+    record at `step`, default the last with norms) or a log of the reference's NanoGPT scripts."""
+    if not os.path.isfile(path):
+        raise CertificateError(f"--norms {path}: no such file")
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CertificateError(f"--norms {path}: cannot read it as text ({e})") from None
+    if ">>> Weights:" in text:
+        by_step, kind = _reference_log_norms(text), "reference log"
+    elif path.endswith(".jsonl"):
+        by_step, kind = {}, "metrics.jsonl"
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CertificateError(f"--norms {path}: line {n} is not JSON ({e}); metrics.jsonl holds one record per line") from None
+            if isinstance(rec, dict) and isinstance(rec.get("norms"), dict):
+                by_step[rec.get("step")] = rec["norms"]
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CertificateError(f"--norms {path}: not JSON ({e}); give a JSON object of norms, a run's "
+                                   "metrics.jsonl or a reference NanoGPT log") from None
+        if isinstance(obj, dict) and isinstance(obj.get("norms"), dict):
+            obj = obj["norms"]
+        return obj, None, "json"
+    if not by_step:
+        raise CertificateError(f"--norms {path}: no norms in this {kind} (a run logs them at every eval)")
+    if step is None:
+        step = max(by_step, key=lambda s: -1 if s is None else s)
+    elif step not in by_step:
+        raise CertificateError(f"--norms {path}: no norms at step {step}; logged steps: "
+                               f"{', '.join(str(s) for s in sorted(by_step, key=lambda s: -1 if s is None else s))}")
+    return by_step[step], step, kind
+
+
+def _load_config(path: str):
+    """A Config from a TOML file (train_gpt --config) or a run's config.json."""
+    if path.endswith(".json"):
+        try:
+            with open(path) as fh:
+                d = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise CertificateError(f"--config {path}: cannot read it as JSON ({e})") from None
+        return _config(d)
+    try:
+        return parse_config(["--config", path])
+    except ConfigError as e:
+        raise CertificateError(str(e)) from None
+
+
+# -----------------------------------------------------------------------------
 # Public API
+
+
+def analysis_choices(cfg, rope: str = "auto", activation: str = "auto") -> tuple[bool, bool]:
+    """(exact_rope, ellipsoid) that certify uses: m_h maximized over RoPE offsets when rope is exact, or
+    auto and n_layer n_head seq_len <= ROPE_EXACT_MAX_WORK (else sigma(W_q^h) sigma(W_k^h)); activation
+    sets as ellipsoids when activation is ellipsoid, or auto and n_layer d_model^2 <= ELLIPSOID_MAX_WORK
+    (else norm balls). The 145M config gets the offset-free bound and norm balls."""
+    exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
+    ellipsoid = activation == "ellipsoid" or (activation == "auto" and cfg.n_layer * cfg.d_model ** 2 <= ELLIPSOID_MAX_WORK)
+    return exact_rope, ellipsoid
 
 
 def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False, rope: str = "auto",
@@ -572,11 +752,11 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
         raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified (the baseline's "
                                "RMSNorm and QK-norm have no global Lipschitz bound)")
     _check_state(state_dict, cfg)
-    exact_rope = rope == "exact" or (rope == "auto" and cfg.n_layer * cfg.n_head * cfg.seq_len <= ROPE_EXACT_MAX_WORK)
+    exact_rope, ellipsoid = analysis_choices(cfg, rope, activation)
     t0 = time.perf_counter()
     pre = collect_norms(state_dict, cfg, exact_rope)
-    ellipsoid = activation == "ellipsoid" or (activation == "auto" and cfg.n_layer * cfg.d_model ** 2 <= ELLIPSOID_MAX_WORK)
-    results = {m: _bound(pre, cfg, m, ellipsoid) for m in (MODES if mode == "all" else (mode,))}
+    results = {m: _bound(pre if m == "tight" else _pre_from_norms(pre["norms"], cfg), cfg, m, ellipsoid)
+               for m in (MODES if mode == "all" else (mode,))}
     main_mode = "tight" if mode == "all" else mode
     out = dict(results[main_mode])
     out["mode"] = mode
@@ -956,10 +1136,58 @@ def jsonable(obj):
     return obj
 
 
+def _main_norms(a) -> int:
+    """lipschitz_bound.py --norms FILE | --at_cap, with --config: the published algorithm from norms alone."""
+    if a.checkpoint is not None or (a.norms is not None and a.at_cap):
+        print("error: give one of a checkpoint, --norms FILE or --at_cap", file=sys.stderr)
+        return 2
+    if a.empirical or a.mode == "tight":
+        print(f"error: {'--empirical' if a.empirical else '--mode tight'} with norms alone: {NEEDS_WEIGHTS}", file=sys.stderr)
+        return 2
+    cfg_path = a.config
+    if cfg_path is None and a.norms is not None and a.norms.endswith(".jsonl"):
+        cfg_path = os.path.join(os.path.dirname(a.norms), "config.json")
+    if cfg_path is None or not os.path.isfile(cfg_path):
+        print(f"error: {'--config ' + cfg_path + ': no such file' if cfg_path else 'no config'}: the algorithm needs the "
+              "run's settings (n_layer, softmax_scale, final_scale, arch, caps); pass --config (a TOML file or a run's "
+              "config.json)", file=sys.stderr)
+        return 2
+    try:
+        cfg = _load_config(cfg_path)
+        if a.at_cap:
+            norms, step, source = norms_at_cap(cfg), None, f"every matrix at its cap (w_max {cfg.w_max:g}, head_w_max {cfg.head_w_max:g})"
+        else:
+            norms, step, kind = load_norms(a.norms, a.step)
+            source = f"{a.norms} ({kind}{', step ' + str(step) if step is not None else ''})"
+        res = paper_bound_from_norms(norms, cfg, a.mode)
+    except CertificateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res["source"], res["config"], res["step"] = source, cfg_path, step
+    if a.json:
+        print(json.dumps(jsonable(res)))
+        return 0
+    print(f"published algorithm (Appendix B) from per-matrix norms: {source}; config {cfg_path}")
+    for r in (res["modes"].values() if "modes" in res else [res]):
+        print()
+        print(format_table(r))
+    print()
+    print(f"note: {NEEDS_WEIGHTS}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Certified Lipschitz bound (embedding outputs -> logits) of a "
                                 "train_gpt.py checkpoint; see docs/certificate.md")
-    p.add_argument("checkpoint", help="ckpt_final.pt or ckpt_step*.pt written by train_gpt.py")
+    p.add_argument("checkpoint", nargs="?", help="ckpt_final.pt or ckpt_step*.pt written by train_gpt.py")
+    p.add_argument("--norms", default=None, help="instead of a checkpoint: the published algorithm (paper, "
+                   "paper_code) from per-matrix RMS->RMS norms alone: a run's metrics.jsonl (config: its config.json), "
+                   "a JSON object of norms keyed as train_gpt.matrix_norms, or a log of the reference's NanoGPT scripts")
+    p.add_argument("--at_cap", action="store_true", help="instead of a checkpoint: the published algorithm with every "
+                   "matrix at its cap (w_max, head_w_max) for --config: the largest value it gives for that config")
+    p.add_argument("--config", default=None, help="with --norms or --at_cap: the run's config (TOML as for train_gpt.py "
+                   "--config, or a run's config.json; default for a metrics.jsonl: the config.json beside it)")
+    p.add_argument("--step", type=int, default=None, help="with --norms from a log: the eval step (default: the last)")
     p.add_argument("--mode", default="all", choices=MODES + ("all",), help="which bound(s)")
     p.add_argument("--empirical", action="store_true", help="also search for a lower bound (float64, CPU; "
                    "minutes: a progress bar on stderr)")
@@ -977,6 +1205,11 @@ def main(argv=None) -> int:
                    f"ellipsoids when n_layer * d_model^2 <= {ELLIPSOID_MAX_WORK:g}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    if a.norms is not None or a.at_cap:
+        return _main_norms(a)
+    if a.checkpoint is None:
+        print("error: give a checkpoint (or --norms FILE / --at_cap --config FILE for the published algorithm)", file=sys.stderr)
+        return 2
     searches = tuple(x for x in a.searches.split(",") if x)
     bad = [x for x in searches if x not in SEARCHES]
     if bad or not searches:
