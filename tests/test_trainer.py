@@ -208,3 +208,52 @@ def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_pat
 def test_missing_shards_say_which_flag_to_fix(tmp_path):
     with pytest.raises(tg.DataError, match=r"no val shards match .* or fix --val_bin$"):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "val")
+
+
+# ---- schedules
+
+@pytest.mark.parametrize("num_steps,cooldown,final,expect", [
+    # t = step / num_steps; flat while t < 1 - cooldown, then w = (1 - t) / cooldown and w + (1 - w) final
+    (10, 0.4, 0.1, {0: 1.0, 5: 1.0, 6: 1.0, 7: 0.775, 8: 0.55, 9: 0.325, 10: 0.1}),
+    (8, 0.5, 0.0, {0: 1.0, 3: 1.0, 4: 1.0, 5: 0.75, 6: 0.5, 7: 0.25}),
+    (4, 1.0, 0.5, {0: 1.0, 1: 0.875, 2: 0.75, 3: 0.625}),
+    (5, 0.0, 0.1, {0: 1.0, 4: 1.0}),  # no cooldown (never called at step num_steps: no step follows)
+])
+def test_lr_factor_by_hand(num_steps, cooldown, final, expect):
+    cfg = small_cfg(num_steps=num_steps, cooldown_frac=cooldown, final_lr_frac=final)
+    assert {s: tg.lr_factor(s, cfg) for s in expect} == pytest.approx(expect, abs=1e-12)
+
+
+@pytest.mark.parametrize("warmup,expect", [
+    (300, {0: 0.85, 30: 0.86, 150: 0.90, 299: 0.95 - 0.1 / 300, 300: 0.95, 1000: 0.95}),
+    (0, {0: 0.95, 7: 0.95}),  # no warm-up
+])
+def test_momentum_warmup_by_hand(warmup, expect):
+    cfg = small_cfg(momentum_warmup_start=0.85, momentum=0.95, momentum_warmup_steps=warmup)
+    assert {s: tg.momentum_at(s, cfg) for s in expect} == pytest.approx(expect, abs=1e-12)
+
+
+def test_the_trainer_steps_with_the_scheduled_lr_and_momentum(tiny_shards, tmp_path, monkeypatch):
+    """Through main: the learning rate of every optimizer group and Muon's momentum as each step's
+    optimizer sees them, and the logged lr_frac, against the schedule computed by hand."""
+    seen, real = [], tg.optimizer_step
+
+    def record(model, mat_opt, adam, cfg):
+        seen.append(([g["lr"] for g in mat_opt.param_groups], [g["momentum"] for g in mat_opt.param_groups],
+                     [g["lr"] for g in adam.param_groups]))
+        return real(model, mat_opt, adam, cfg)
+    monkeypatch.setattr(tg, "optimizer_step", record)
+    out = str(tmp_path / "run")
+    assert tg.main(tiny_args(tiny_shards, out, num_steps=6, cooldown_frac=0.5, final_lr_frac=0.2, momentum_warmup_steps=4,
+                             momentum_warmup_start=0.85, momentum=0.95, lr_hidden=0.04, lr_head=0.02, lr_embed=0.1)) == 0
+    # t = 0, 1/6, 2/6 flat; t = 3/6: w = 1; t = 4/6: w = 2/3, 2/3 + 1/3 x 0.2; t = 5/6: w = 1/3, 1/3 + 2/3 x 0.2
+    frac = [1.0, 1.0, 1.0, 1.0, 11 / 15, 7 / 15]
+    mom = [0.85, 0.875, 0.9, 0.925, 0.95, 0.95]
+    assert len(seen) == 6
+    for step, (mat_lrs, moms, adam_lrs) in enumerate(seen):
+        assert mat_lrs == pytest.approx([0.04 * frac[step], 0.02 * frac[step]], abs=1e-12), step  # hidden, head
+        assert moms == pytest.approx([mom[step]] * 2, abs=1e-12), step
+        assert adam_lrs == pytest.approx([0.1 * frac[step]], abs=1e-12), step  # the embedding
+    import json
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"lr_frac"' in line]
+    assert [r["lr_frac"] for r in logged] == pytest.approx(frac, abs=1e-12)
