@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import make_shards, tiny_args
+from conftest import file_states, make_shards, tiny_args
 from data import shards
 from proc_helpers import start
 
@@ -207,12 +207,16 @@ def test_resume_refusals(data, reference, tmp_path, capsys):
          "past --num_steps 2"),
         (dict(out_dir=str(tmp_path / "x"), resume=str(tmp_path / "nope.pt")), "no such checkpoint"),
     ]
+    before = {d: file_states(d) for d in (reference, run)}
     for over, msg in cases:
         rc, err = go(capsys, data, over.pop("out_dir"), **over)
         assert rc == 2 and msg in one_error_line(err), (over, err)
     os.remove(os.path.join(run, "ckpt_final.pt"))
+    del before[run]["ckpt_final.pt"]
     rc, err = go(capsys, data, run, resume=os.path.join(run, "ckpt_step000001.pt"))
     assert rc == 2 and "holds a newer checkpoint (ckpt_step000003.pt)" in one_error_line(err)
+    assert {d: file_states(d) for d in (reference, run)} == before  # refused: every file as it was (bytes, mtime)
+    assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "x")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, tiny_args
+from conftest import REPO, file_states, tiny_args
 from data import shards
 
 
@@ -180,18 +180,34 @@ def test_norms_stay_below_w_max_after_steps(constraint):
 # ---- end to end
 
 def test_tiny_run_writes_a_self_describing_run_dir(tiny_shards, tmp_path):
+    """Caps that bind: the hidden matrices start at w_max 0.3 (init gain min(1, w_max)) and Muon
+    pushes them up; the zero-initialized head steps 0.03 x stretch a step towards head_w_max 0.15.
+    Every logged norm stays at or under its cap and the largest reach it (soft cap: within 10%)."""
     out = str(tmp_path / "run")
-    assert tg.main(tiny_args(tiny_shards, out)) == 0
-    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt_final.pt"):
+    caps = dict(w_max=0.3, head_w_max=0.15, lr_head=0.03, eval_every=2)
+    assert tg.main(tiny_args(tiny_shards, out, **caps)) == 0
+    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt_final.pt", "certificate.json"):
         assert os.path.exists(os.path.join(out, f)), f
     model, cfg, ck = tg.model_from_checkpoint(os.path.join(out, "ckpt_final.pt"))
-    assert cfg.d_model == 32 and ck["step"] == 6
+    assert cfg.d_model == 32 and ck["step"] == 6 and (cfg.w_max, cfg.head_w_max) == (0.3, 0.15)
     import json
-    m = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"norms"' in line]
+    m = evals[-1]
+    assert [e["step"] for e in evals] == [2, 4, 6]
     assert {"step", "train_loss", "val_loss", "val_acc", "max_act_entry", "max_act_rms", "norms"} <= set(m)
-    assert m["norms"]["head"] <= 1.0 + 1e-3
-    # the same run dir is never overwritten
-    assert tg.main(tiny_args(tiny_shards, out)) == 2
+    for e in evals:
+        n = e["norms"]
+        hidden = [v for k, v in n.items() if k.startswith("blocks")]
+        assert len(hidden) == 12 and max(hidden) <= 0.3 * (1 + 1e-5), n
+        assert n["head"] <= 0.15 * (1 + 1e-5) and n["embed.max_row_rms"] <= 1.0 + 1e-6, n
+    assert min(v for k, v in m["norms"].items() if k.startswith("blocks") and not k.endswith("proj")) >= 0.9 * 0.3
+    assert m["norms"]["head"] >= 0.9 * 0.15 and m["norms"]["embed.max_row_rms"] >= 0.99  # the caps bind
+    # the norms logged are the checkpoint's: the exact RMS->RMS norms of the final weights
+    assert m["norms"]["head"] == pytest.approx(float(tg.spectral_norm_exact(model.head)) / tg.rms_scale(model.head), rel=1e-9)
+    # the same run dir is never overwritten: refused with exit code 2, every file as it was
+    before = file_states(out)
+    assert tg.main(tiny_args(tiny_shards, out, **caps)) == 2
+    assert file_states(out) == before
 
 
 def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_path):
