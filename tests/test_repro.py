@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_shards, tiny_args
+from conftest import REPO, file_states, make_shards, tiny_args
 
 sys.path.insert(0, os.path.join(REPO, "data"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -307,19 +307,21 @@ def _toy_config(tmp_path, data_dir):
 
 
 def test_toy_sweep_end_to_end(tmp_path):
+    """Two runs, both at their cap from init (gain min(1, w_max)); then a re-run skips the finished
+    run and resumes the interrupted one (a ckpt_step*.pt and no ckpt_final.pt) to the same weights."""
     data = make_shards(str(tmp_path / "data"))
     config = _toy_config(tmp_path, data)
     out = tmp_path / "sweep"
-    cmd = ["bash", os.path.join(REPO, "scripts", "sweep_sigma_max.sh"), "--config", config, "--w_max", "0.5 2",
-           "--out", str(out)]
+    cmd = ["bash", os.path.join(REPO, "scripts", "sweep_sigma_max.sh"), "--config", config, "--w_max", "0.5 1",
+           "--out", str(out), "--", "--save_every", "4"]
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert runs == ["soft_cap_w0.5_s0", "soft_cap_w2_s0"]
+    assert runs == ["soft_cap_w0.5_s0", "soft_cap_w1_s0"]
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 4
-    for name, w in (("soft_cap_w0.5_s0", "0.5"), ("soft_cap_w2_s0", "2")):
+    for name, w in (("soft_cap_w0.5_s0", "0.5"), ("soft_cap_w1_s0", "1")):
         run = out / name
         cfg = json.loads((run / "config.json").read_text())
         assert cfg["w_max"] == float(w) and (run / "ckpt_final.pt").is_file()
@@ -329,13 +331,28 @@ def test_toy_sweep_end_to_end(tmp_path):
         final = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m][-1]
         row = next(line for line in table if f"| {w} |" in line)
         assert f"10^{tight:.2f}" in row and f"{final['val_loss']:.4f}" in row and f"{final['val_acc']:.4f}" in row
-        # every matrix respected its cap (the measured norms of the final eval)
+        # every matrix respected its cap, which binds (the measured norms of the final eval)
         hidden = [v for k, v in final["norms"].items() if k.startswith("blocks")]
-        assert max(hidden) <= float(w) * (1 + 1e-5)
+        assert 0.9 * float(w) <= max(hidden) <= float(w) * (1 + 1e-5)
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # re-running fills gaps only: nothing left to train
+    # an interrupted run (killed after its step-4 checkpoint) is resumed; the finished one is skipped
+    run = out / "soft_cap_w1_s0"
+    done = train_gpt.load_checkpoint(str(run / "ckpt_final.pt"))["model"]
+    os.remove(run / "ckpt_final.pt")
+    os.remove(run / "certificate.json")
+    kept = {n: (out / "soft_cap_w0.5_s0" / n).read_bytes() for n in ("ckpt_final.pt", "metrics.jsonl", "config.json")}
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r2.returncode == 0 and r2.stdout.count("finished, skipped") == 2, r2.stdout + r2.stderr
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.stdout.count("finished, skipped") == 1 and "soft_cap_w1_s0: interrupted, resuming" in r2.stdout
+    assert "resumed at step 4" in r2.stdout
+    again = train_gpt.load_checkpoint(str(run / "ckpt_final.pt"))["model"]
+    assert again.keys() == done.keys() and all(torch.equal(again[k], done[k]) for k in done)
+    assert json.loads((run / "certificate.json").read_text())["modes"]["tight"]["log10_bound"] == tight
+    assert {n: (out / "soft_cap_w0.5_s0" / n).read_bytes() for n in kept} == kept
+    assert (out / "results.md").read_text().splitlines() == table
+    # re-running fills gaps only: nothing left to train
+    r3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r3.returncode == 0 and r3.stdout.count("finished, skipped") == 2, r3.stdout + r3.stderr
 
 
 def test_sweep_fails_fast_with_clear_errors(tmp_path):
@@ -362,8 +379,10 @@ def test_sweep_fails_fast_with_clear_errors(tmp_path):
     # an unfinished run without a checkpoint stops the sweep instead of being overwritten
     (tmp_path / "u" / "soft_cap_w1_s0").mkdir(parents=True)
     (tmp_path / "u" / "soft_cap_w1_s0" / "config.json").write_text("{}")
+    before = file_states(str(tmp_path / "u"))
     r = run("--config", config, "--w_max", "1", "--out", str(tmp_path / "u"))
     assert r.returncode == 2 and "rm -r" in r.stderr
+    assert file_states(str(tmp_path / "u")) == before
 
 
 def test_baseline_arch_trains_and_logs_activations(tmp_path):
