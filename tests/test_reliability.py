@@ -148,6 +148,63 @@ def test_signal_to_a_training_process(sig, data, tmp_path):
     assert ck["step"] >= 3 and "optimizers" in ck
 
 
+def test_second_sigint_exits_130_and_keeps_the_checkpoints(data, tmp_path, capsys):
+    """A second SIGINT while a checkpoint is being written (a slow disk: each save takes 1 s, in 8
+    chunks) interrupts at once: exit code 130 and the 'interrupted twice' error line. Every listed
+    checkpoint still loads (the one being written is a temporary file, never listed) and --resume
+    latest continues the run."""
+    out, log = str(tmp_path / "run"), str(tmp_path / "child.log")
+    p = start(tiny_args(data, out, num_steps=100000, save_every=2, keep_last=5, log_every=1), log, slow_disk=1.0)
+    deadline = time.monotonic() + 120
+    while not train_gpt.list_checkpoints(out):  # ckpt_step000002.pt is complete
+        assert p.is_alive() and time.monotonic() < deadline, open(log).read()
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGINT)  # first: stop at the next step boundary, saving a checkpoint
+    while not any(TMP in n for n in os.listdir(out)):  # a checkpoint is being written
+        assert p.is_alive() and time.monotonic() < deadline, open(log).read()
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGINT)  # second: now
+    p.join(60)
+    text = open(log).read()
+    assert p.exitcode == 130, text
+    assert "error: interrupted twice; the last checkpoint written is intact (resume with --resume latest)" in text
+    assert "stopped by signal" not in text and not os.path.exists(os.path.join(out, "ckpt_final.pt"))
+    ckpts = train_gpt.list_checkpoints(out)
+    assert ckpts and all(train_gpt.load_checkpoint(c)["step"] == train_gpt.step_of(c) for c in ckpts)
+    k = train_gpt.step_of(ckpts[-1])
+    assert go(capsys, data, out, num_steps=k + 1, resume="latest")[0] == 0
+    assert train_gpt.load_checkpoint(os.path.join(out, "ckpt_final.pt"))["step"] == k + 1
+    assert not [n for n in os.listdir(out) if TMP in n]
+
+
+def test_resume_by_run_name_and_by_path(data, reference, tmp_path, capsys, monkeypatch):
+    """The README's two ways to continue a run, typed in the working directory without --out_dir:
+    --resume latest --run_name NAME finds logs/NAME; --resume PATH (a relative path) continues in
+    PATH's directory. Both end bitwise where the uninterrupted run ends."""
+    monkeypatch.chdir(tmp_path)
+    real, calls = train_gpt.project_rowwise, [0]
+
+    def signal_during_step_3(model, cfg):
+        real(model, cfg)
+        calls[0] += 1
+        if calls[0] == 3:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(train_gpt, "project_rowwise", signal_during_step_3)
+    assert go(capsys, data, "", run_name="named")[0] == 0  # stopped at step 3, in logs/named
+    monkeypatch.setattr(train_gpt, "project_rowwise", real)
+    assert [os.path.basename(c) for c in train_gpt.list_checkpoints(os.path.join("logs", "named"))] == ["ckpt_step000003.pt"]
+    assert go(capsys, data, "", resume="latest", run_name="named")[0] == 0
+    assert same_weights(final_weights(os.path.join("logs", "named")), final_weights(reference))
+    assert losses(os.path.join("logs", "named")) == losses(reference)
+    os.makedirs("elsewhere")
+    with open(os.path.join(reference, "ckpt_step000004.pt"), "rb") as src, open(os.path.join("elsewhere", "ck.pt"), "wb") as dst:
+        dst.write(src.read())
+    assert go(capsys, data, "", resume=os.path.join("elsewhere", "ck.pt"))[0] == 0
+    assert same_weights(final_weights("elsewhere"), final_weights(reference))
+    assert losses("elsewhere") == losses(reference)[4:]
+    assert os.listdir("logs") == ["named"]  # nothing written under a default run name
+
+
 def test_keep_last(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert go(capsys, data, out, num_steps=5, save_every=1, keep_last=2)[0] == 0
