@@ -20,6 +20,7 @@ Measured tolerances (tiny fp32 model, 6-10 steps, 2 CPU cores):
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,42 @@ def test_three_ranks_match_one_process(data, tmp_path_factory, opt):
     v1, v3 = val_records(root + "/w1"), val_records(root + "/w3")
     assert [r["step"] for r in v1] == [r["step"] for r in v3] == [3, 6]
     assert max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(v1, v3)) < THREE_RANK_LOSS_TOL
+
+
+def clipped_per_step(run_dir):
+    """The qk_clipped:N field of each training line of log.txt (0 where the line has none)."""
+    lines = [ln for ln in open(os.path.join(run_dir, "log.txt")) if ln.startswith("step:") and "train_loss:" in ln]
+    return [int(m[1]) if (m := re.search(r" qk_clipped:(\d+)", ln)) else 0 for ln in lines]
+
+
+def test_qk_clip_through_main_and_across_ranks(data, tmp_path, monkeypatch):
+    """QK-Clip in real runs (tau 2: every head's max logit exceeds it at step 1, some later steps
+    clip fewer). One process (in this process): each step scales the W_q and W_k rows of exactly
+    the heads whose max logit exceeded tau by sqrt(tau / S_max), W_v untouched, and the log line
+    counts them. 2 ranks all-reduce the max logits, so their weights stay identical (--debug) and
+    equal the 1-process run's (accumulation 2: the max over the same two micro-batches)."""
+    tau, over = 2.0, dict(qk_clip_tau=2.0, debug="true")
+    real, counts = train_gpt.qk_clip, []
+
+    def checked(model, t):
+        S = [b.attn.max_logit.clone() for b in model.blocks]
+        W = [b.attn.qkv.detach().clone() for b in model.blocks]
+        n = real(model, t)
+        for b, s, w in zip(model.blocks, S, W):
+            g = torch.where(s > t, (t / s).sqrt(), torch.ones_like(s)).repeat_interleave(b.attn.head_dim)[:, None]
+            torch.testing.assert_close(b.attn.qkv[:2], w[:2] * g, rtol=1e-6, atol=0)
+            assert torch.equal(b.attn.qkv[2], w[2])
+        counts.append(n)
+        assert n == sum(int((s > t).sum()) for s in S)
+        return n
+    monkeypatch.setattr(train_gpt, "qk_clip", checked)
+    assert train_gpt.main(tiny_args(data, str(tmp_path / "w1"), **over)) == 0
+    monkeypatch.setattr(train_gpt, "qk_clip", real)
+    assert len(counts) == 6 and counts[0] == 4 and min(counts) < 4, counts  # 2 layers x 2 heads at step 1
+    assert clipped_per_step(str(tmp_path / "w1")) == counts
+    launch(2, data, str(tmp_path / "w2"), **over)
+    assert clipped_per_step(str(tmp_path / "w2")) == counts
+    assert max_diff(weights(str(tmp_path / "w1/ckpt_final.pt")), weights(str(tmp_path / "w2/ckpt_final.pt"))) == 0.0
 
 
 def test_error_on_one_rank_stops_every_rank(data, tmp_path):
