@@ -155,8 +155,10 @@ def test_second_sigint_exits_130_and_keeps_the_checkpoints(data, tmp_path, capsy
     latest continues the run."""
     out, log = str(tmp_path / "run"), str(tmp_path / "child.log")
     p = start(tiny_args(data, out, num_steps=100000, save_every=2, keep_last=5, log_every=1), log, slow_disk=1.0)
-    deadline = time.monotonic() + 120
-    while not train_gpt.list_checkpoints(out):  # ckpt_step000002.pt is complete
+    deadline, metrics = time.monotonic() + 120, os.path.join(out, "metrics.jsonl")
+    # step 3 logged: ckpt_step000002.pt is complete, and the first SIGINT's stop (at step 3, or at 4 with
+    # its periodic save) writes a checkpoint: a step that already has one would exit at once instead
+    while not (os.path.exists(metrics) and open(metrics).read().count("}\n") >= 3):
         assert p.is_alive() and time.monotonic() < deadline, open(log).read()
         time.sleep(0.01)
     os.kill(p.pid, signal.SIGINT)  # first: stop at the next step boundary, saving a checkpoint
@@ -170,7 +172,8 @@ def test_second_sigint_exits_130_and_keeps_the_checkpoints(data, tmp_path, capsy
     assert "error: interrupted twice; the last checkpoint written is intact (resume with --resume latest)" in text
     assert "stopped by signal" not in text and not os.path.exists(os.path.join(out, "ckpt_final.pt"))
     ckpts = train_gpt.list_checkpoints(out)
-    assert ckpts and all(train_gpt.load_checkpoint(c)["step"] == train_gpt.step_of(c) for c in ckpts)
+    assert os.path.join(out, "ckpt_step000002.pt") in ckpts
+    assert all(train_gpt.load_checkpoint(c)["step"] == train_gpt.step_of(c) for c in ckpts)
     k = train_gpt.step_of(ckpts[-1])
     assert go(capsys, data, out, num_steps=k + 1, resume="latest")[0] == 0
     assert train_gpt.load_checkpoint(os.path.join(out, "ckpt_final.pt"))["step"] == k + 1
