@@ -275,6 +275,33 @@ def test_results_table_groups_seeds(tmp_path):
     assert "slice val loss" not in table and all(line.startswith("| repo |") for line in lines[2:])
 
 
+def test_results_table_certify_computes_a_missing_certificate(tmp_path):
+    """A finished run whose certificate.json is missing (its process ended between the final
+    checkpoint and the certificate): the table shows '-' for its bounds, and with --certify it
+    computes the certificate, saves it (the same as the trainer's) and shows the bounds."""
+    data = make_shards(str(tmp_path / "data"))
+    run = str(tmp_path / "run")
+    assert train_gpt.main(tiny_args(data, run, num_steps=2)) == 0
+    cert_path = os.path.join(run, "certificate.json")
+    with open(cert_path) as fh:
+        trainer_cert = json.load(fh)
+    os.remove(cert_path)
+    script = [sys.executable, os.path.join(REPO, "scripts", "results_table.py"), run]
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[2]
+    assert "| - | - |" in row and not os.path.exists(cert_path)  # without --certify: nothing computed
+    r = subprocess.run(script + ["--certify", "--out", str(tmp_path / "t.md")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with open(cert_path) as fh:
+        cert = json.load(fh)
+    assert cert.pop("certify_s") > 0 and trainer_cert.pop("certify_s") > 0  # its own timing
+    assert cert == trainer_cert
+    paper, tight = (cert["modes"][m]["log10_bound"] for m in ("paper", "tight"))
+    assert f"| 10^{paper:.2f} | 10^{tight:.2f} |" in r.stdout.splitlines()[2]
+    assert (tmp_path / "t.md").read_text() == r.stdout
+
+
 def test_results_table_shows_recipe_and_slice(tmp_path):
     """A run of the reference recipe that scored the reference's slice: its own recipe tag and a slice
     column; a repo-recipe run next to it has '-' there."""
