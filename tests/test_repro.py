@@ -477,3 +477,89 @@ def test_sample_picks_gpt2_for_padded_vocab(tmp_path, gpt2):
     cfg.vocab_size = 100
     with pytest.raises(sample.SampleError, match="--meta"):
         sample.tokenizer_for(cfg, str(tmp_path / "ckpt.pt"), None)
+
+
+# -----------------------------------------------------------------------------
+# Smoke runs of the frontier and benchmark scripts at toy size (what they print is checked, not timed)
+
+TOY_MODEL = dict(vocab_size=65, n_layer=1, n_head=2, d_model=32, seq_len=32, batch_tokens=128, micro_batch_tokens=128)
+
+
+def _toy_model_toml(tmp_path):
+    path = tmp_path / "toy_model.toml"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in TOY_MODEL.items()))
+    return str(path)
+
+
+def test_shakespeare_frontier_smoke(shakespeare_dir, tmp_path):
+    """scripts/shakespeare_frontier.sh --short with --only three of its runs (the baseline, soft cap,
+    hard cap) and a toy model on the real shards: each run trains with its grid settings, then the
+    table with a certificate per Lipschitz run and both plots."""
+    script = os.path.join(REPO, "scripts", "shakespeare_frontier.sh")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    dry = subprocess.run(["bash", script, "--short", "--dry_run"], capture_output=True, text=True, env=env, timeout=60)
+    names = [line.split()[0] for line in dry.stdout.splitlines()[1:]]
+    assert dry.returncode == 0 and len(names) == len(set(names)) == 21, dry.stdout
+    only = "^(baseline_s0|muon_soft_cap_w3.0_ss16_fs8_s0|muon_hard_cap_w1.0_ss16_fs2_s0)$"
+    toy = [f"--{k}={v}" for k, v in TOY_MODEL.items()] + [
+        "--num_steps=2", "--eval_every=0", "--val_tokens=1024", "--dtype=fp32", "--device=cpu", "--momentum_warmup_steps=1",
+        f"--train_bin={os.path.join(shakespeare_dir, 'train_*.bin')}", f"--val_bin={os.path.join(shakespeare_dir, 'val_*.bin')}"]
+    out = tmp_path / "frontier"
+    r = subprocess.run(["bash", script, "--short", "--only", only, "--out", str(out), "--", *toy],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = {"baseline_s0": dict(arch="baseline", constraint="none", optimizer="adamw"),
+            "muon_soft_cap_w3.0_ss16_fs8_s0": dict(constraint="soft_cap", w_max=3.0, head_w_max=3.0, softmax_scale=16.0, final_scale=8.0),
+            "muon_hard_cap_w1.0_ss16_fs2_s0": dict(constraint="hard_cap", w_max=1.0, head_w_max=1.0, softmax_scale=16.0, final_scale=2.0)}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(want)
+    for name, settings in want.items():
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert {k: cfg[k] for k in settings} == settings and cfg["num_steps"] == 2 and cfg["d_model"] == 32, name
+        assert (out / name / "ckpt_final.pt").is_file() and (out / name / "certificate.json").is_file()
+    rows = (out / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == 3 and sum("| inf | inf |" in row for row in rows) == 1  # the baseline: no certificate
+    assert all(re.search(r"\| 10\^-?\d+\.\d\d \| 10\^-?\d+\.\d\d \|", row) for row in rows if "baseline" not in row)
+    for png in ("frontier.png", "frontier_paper.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_step_smoke(tmp_path):
+    """scripts/bench_step.py on a toy model: every variant runs, its parts are timed (the constraint
+    through MatrixOptimizer.mark) and its loss matches the eager fp32 loss."""
+    out = str(tmp_path / "bench.json")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_step.py"), "--config", _toy_model_toml(tmp_path),
+                        "--dtype", "bf16", "--plain_dtypes", "fp32", "--constraints", "soft_cap,hard_cap", "--steps", "1",
+                        "--warmup", "1", "--batch", "2", "--threads", "1", "--device", "cpu", "--json", out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.load(open(out))
+    assert res["tokens_per_step"] == 64 and [v["name"] for v in res["results"]] == [
+        "ours soft_cap bf16", "ours hard_cap bf16", "plain AdamW fp32"]
+    for v in res["results"]:
+        assert v["loss_ok"] and math.isfinite(v["loss_configured"]) and v["step_s"] > 0, v
+        parts = v["parts_s"]
+        assert parts["fwd_bwd"] > 0 and parts["update"] > 0, v
+        if v["kind"] == "ours":
+            assert parts["constraint"] > 0 and parts["bookkeeping"] > 0, v
+    assert "configured-vs-eager-fp32 loss check: all within 2% relative" in r.stdout
+
+
+def test_bench_constraints_smoke(tmp_path):
+    """scripts/bench_constraints.py at toy shapes and a toy model: every method on every shape, the
+    guaranteed ones at or under w_max after the call, the step-fraction table, the tracking check."""
+    methods = ["spectral_normalize", "soft_cap", "hard_cap", "stiefel", "svd_clip"]
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_constraints.py"), "--shapes", "48x32,32x96",
+                        "--config", _toy_model_toml(tmp_path), "--repeats", "1", "--tracking_steps", "6",
+                        "--methods", ",".join(methods)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    for shape in ("48x32", "32x96"):
+        for m in methods:
+            row = next(line.split() for line in lines if line.split()[:2] == [m, shape])
+            after = float(row[3])
+            assert after <= 1 + 1e-3 if m in train_gpt.GUARANTEED else after > 0, (m, shape, row)
+    assert "above w_max" not in r.stdout
+    i = lines.index(next(line for line in lines if line.startswith("toy_model.toml model (1 layers, d 32")))
+    assert [line.split()[0] for line in lines[i + 3: i + 3 + len(methods)]] == methods
+    assert sum("worst relative underestimate of sigma_1 over steps 5-5" in line for line in lines) == 4
