@@ -275,6 +275,7 @@ def test_results_table_groups_seeds(tmp_path):
     assert "slice val loss" not in table and all(line.startswith("| repo |") for line in lines[2:])
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_results_table_certify_computes_a_missing_certificate(tmp_path):
     """A finished run whose certificate.json is missing (its process ended between the final
     checkpoint and the certificate): the table shows '-' for its bounds, and with --certify it
@@ -287,11 +288,12 @@ def test_results_table_certify_computes_a_missing_certificate(tmp_path):
         trainer_cert = json.load(fh)
     os.remove(cert_path)
     script = [sys.executable, os.path.join(REPO, "scripts", "results_table.py"), run]
-    r = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     row = r.stdout.splitlines()[2]
     assert "| - | - |" in row and not os.path.exists(cert_path)  # without --certify: nothing computed
-    r = subprocess.run(script + ["--certify", "--out", str(tmp_path / "t.md")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(script + ["--certify", "--out", str(tmp_path / "t.md")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     with open(cert_path) as fh:
         cert = json.load(fh)
@@ -530,7 +532,7 @@ def test_bench_step_smoke(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_step.py"), "--config", _toy_model_toml(tmp_path),
                         "--dtype", "bf16", "--plain_dtypes", "fp32", "--constraints", "soft_cap,hard_cap", "--steps", "1",
                         "--warmup", "1", "--batch", "2", "--threads", "1", "--device", "cpu", "--json", out],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out))
     assert res["tokens_per_step"] == 64 and [v["name"] for v in res["results"]] == [

@@ -179,6 +179,7 @@ def test_norms_stay_below_w_max_after_steps(constraint):
 
 # ---- end to end
 
+@pytest.mark.usefixtures("one_thread")  # training in this process: no OpenMP spinning under load
 def test_tiny_run_writes_a_self_describing_run_dir(tiny_shards, tmp_path):
     """Caps that bind: the hidden matrices start at w_max 0.3 (init gain min(1, w_max)) and Muon
     pushes them up; the zero-initialized head steps 0.03 x stretch a step towards head_w_max 0.15.
@@ -249,6 +250,7 @@ def test_momentum_warmup_by_hand(warmup, expect):
     assert {s: tg.momentum_at(s, cfg) for s in expect} == pytest.approx(expect, abs=1e-12)
 
 
+@pytest.mark.usefixtures("one_thread")  # training in this process: no OpenMP spinning under load
 def test_the_trainer_steps_with_the_scheduled_lr_and_momentum(tiny_shards, tmp_path, monkeypatch):
     """Through main: the learning rate of every optimizer group and Muon's momentum as each step's
     optimizer sees them, and the logged lr_frac, against the schedule computed by hand."""
