@@ -3,13 +3,14 @@
     python scripts/bench_constraints.py                      # Shakespeare shapes + step fraction (CPU, ~2 min)
     python scripts/bench_constraints.py --shapes all         # + the 145M shapes (the 50304x768 head is slow on CPU)
     python scripts/bench_constraints.py --device cuda --shapes all
+    python scripts/bench_constraints.py --shapes 64x32,32x64 --config my.toml --repeats 1 --tracking_steps 6  # a smoke run
 
 Inputs are RMS->RMS-scaled matrices as a Muon step leaves them: singular values uniform in
 [0, w_max] with the top 5% in [w_max, w_max (1 + 1.15 lr)], lr = 0.05. sigma_max after the call
 is the float64 Gram eigenvalue (train_gpt.spectral_norm_exact). Power-iteration methods are timed
 with their warm-started iterations (cfg.power_iters) included. The step fraction times the
-projections of all matrices of configs/shakespeare_char.toml (stacked by shape, as MatrixOptimizer
-does) against one forward+backward of its 64 x 256 batch, in fp32.
+projections of all matrices of configs/shakespeare_char.toml (or --config; stacked by shape, as
+MatrixOptimizer does) against one forward+backward of its batch (64 x 256), in fp32.
 Targets: guaranteed methods <= w_max (1 + 1e-3); soft_cap and spectral_normalize
 <= 5% of a Shakespeare step on CPU; hard_cap <= 3x soft_cap.
 """
@@ -97,10 +98,9 @@ def bench_shapes(shapes, device, repeats, methods):
     return results
 
 
-def step_fraction(device, repeats, methods):
-    """Projection time of all matrices of the Shakespeare model vs one forward+backward."""
-    cfg = tg.parse_config(["--config", os.path.join(REPO, "configs", "shakespeare_char.toml"), "--device", str(device),
-                          "--dtype", "fp32", "--compile", "false"])
+def step_fraction(config, device, repeats, methods):
+    """Projection time of all matrices of config's model (the Shakespeare one by default) vs one forward+backward."""
+    cfg = tg.parse_config(["--config", config, "--device", str(device), "--dtype", "fp32", "--compile", "false"])
     torch.manual_seed(0)
     model = tg.GPT(cfg).to(device)
     B = cfg.micro_batch_tokens // cfg.seq_len
@@ -110,7 +110,7 @@ def step_fraction(device, repeats, methods):
         model.zero_grad(set_to_none=True)
         model(idx, idx).backward()
     t_step = median_time(fwd_bwd, device, repeats)
-    print(f"\nShakespeare model ({cfg.n_layer} layers, d {cfg.d_model}, batch {B}x{cfg.seq_len}, fp32): "
+    print(f"\n{os.path.basename(config)} model ({cfg.n_layer} layers, d {cfg.d_model}, batch {B}x{cfg.seq_len}, fp32): "
           f"forward+backward {1000 * t_step:.1f} ms (median of {repeats})")
     # the stacks MatrixOptimizer forms: same-shaped hidden matrices together (qkv is a (3, d, d) stack), the head alone
     by_shape = {}
@@ -140,6 +140,8 @@ def step_fraction(device, repeats, methods):
 def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
     """How far the warm-started estimate (cfg.power_iters per step) lags sigma_1 while the matrix
     takes full-rank Muon-shaped steps of RMS->RMS size lr (spectrum with a clustered top)."""
+    if steps <= 5:  # the first 5 steps are not scored
+        return
     iters = POWER_ITERS
     print(f"\nwarm-started power iteration ({iters} iterations/step, 256x768, top 32 singular values equal):")
     for lr in lr_values:
@@ -160,7 +162,9 @@ def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="shakespeare", choices=["shakespeare", "145m", "all"])
+    ap.add_argument("--shapes", default="shakespeare", help="shakespeare, 145m, all, or a comma-separated list MxN,MxN")
+    ap.add_argument("--config", default=os.path.join(REPO, "configs", "shakespeare_char.toml"), help="the model of the step fraction")
+    ap.add_argument("--tracking_steps", type=int, default=25, help="steps of the power-iteration tracking check (<= 5: skipped)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
@@ -172,17 +176,24 @@ def main():
         ap.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     print(tg.system_info())
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    shapes = SHAPES["shakespeare"] + SHAPES["145m"] if args.shapes == "all" else SHAPES[args.shapes]
+    if args.shapes in SHAPES or args.shapes == "all":
+        shapes = SHAPES["shakespeare"] + SHAPES["145m"] if args.shapes == "all" else SHAPES[args.shapes]
+    else:
+        try:
+            shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+            assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            ap.error(f"--shapes {args.shapes!r}: give shakespeare, 145m, all or a list like 256x1024,65x256")
     res = bench_shapes(shapes, device, args.repeats, methods)
-    frac = step_fraction(device, args.repeats, methods)
-    tracking(device)
+    frac = step_fraction(args.config, device, args.repeats, methods)
+    tracking(device, steps=args.tracking_steps)
     print("\ntargets:")
     for name in ("soft_cap", "spectral_normalize"):
         if name in frac:
-            print(f"  {name}: {100 * frac[name]:.1f}% of a Shakespeare fwd+bwd (target <= 5%): {'ok' if frac[name] <= 0.05 else 'MISSED'}")
+            print(f"  {name}: {100 * frac[name]:.1f}% of a {os.path.basename(args.config)} fwd+bwd (target <= 5%): {'ok' if frac[name] <= 0.05 else 'MISSED'}")
     if "hard_cap" in frac and "soft_cap" in frac:
         r = frac["hard_cap"] / frac["soft_cap"]
-        print(f"  hard_cap / soft_cap, whole Shakespeare step: {r:.1f}x (target <= 3x): {'ok' if r <= 3 else 'MISSED'}")
+        print(f"  hard_cap / soft_cap, whole {os.path.basename(args.config)} step: {r:.1f}x (target <= 3x): {'ok' if r <= 3 else 'MISSED'}")
     for shape in shapes:
         if ("hard_cap", shape) in res and ("soft_cap", shape) in res:
             print(f"  hard_cap / soft_cap at {shape[0]}x{shape[1]}: {res[('hard_cap', shape)] / res[('soft_cap', shape)]:.1f}x")

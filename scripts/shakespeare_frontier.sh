@@ -13,6 +13,8 @@
 #                      and a smaller grid
 #   --jobs N           runs at once (default 1; one GPU holds a dozen of these small runs at once)
 #   --out DIR          sweep directory (default logs/shakespeare_<protocol>)
+#   --only REGEX       only the runs whose name matches this extended regex (e.g. 'hard_cap|baseline'); the
+#                      table and plots still cover every finished run in DIR
 #   --dry_run          print the runs, train nothing
 #   -- ARGS            passed to every train_gpt.py run (e.g. --device cpu --dtype fp32)
 # Re-running fills gaps: runs with ckpt_final.pt are skipped, interrupted ones with a checkpoint resume. Output: DIR/<run>/, DIR/results.md,
@@ -22,13 +24,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
 die() { echo "shakespeare_frontier.sh: error: $*" >&2; exit 2; }
 
-PROTO=short JOBS=1 OUT="" DRY=0 EXTRA=()
+PROTO=short JOBS=1 OUT="" DRY=0 ONLY="" EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) PROTO=full; shift ;;
     --short) PROTO=short; shift ;;
     --jobs) JOBS="${2:?--jobs needs a number}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    --only) ONLY="${2:?--only needs a regex}"; shift 2 ;;
     --dry_run) DRY=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -75,6 +78,15 @@ done
 for wd in 0.1 1.0; do
   RUNS+=("adamw_weight_decay_wd${wd}_ss16_fs2_s0 $CONFIG --optimizer adamw --constraint weight_decay --wd $wd $REF --lr_hidden $ADAM_LR --lr_head $ADAM_LR --adam_beta1 0.9 --seed 0")
 done
+
+if [ -n "$ONLY" ]; then
+  KEEP=()
+  for r in "${RUNS[@]}"; do
+    if [[ "${r%% *}" =~ $ONLY ]]; then KEEP+=("$r"); fi
+  done
+  [ "${#KEEP[@]}" -gt 0 ] || die "--only '$ONLY' matches none of the ${#RUNS[@]} runs (see --dry_run)"
+  RUNS=("${KEEP[@]}")
+fi
 
 run_one() {  # NAME CONFIG ARGS...
   local name=$1 config=$2; shift 2

@@ -67,6 +67,17 @@ def tiny_shards(tmp_path):
     return make_shards(str(tmp_path / "data"))
 
 
+def file_states(d):
+    """{name: (bytes, mtime_ns)} of every file under d: what a refused run must leave as it was."""
+    out = {}
+    for root, _, names in os.walk(d):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
 def tiny_args(data_dir, out_dir, **over):
     """Command-line args of a tiny fp32 CPU run on generated shards (a few seconds)."""
     cfg = dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=32, batch_tokens=256, micro_batch_tokens=128,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import make_shards, tiny_args
+from conftest import file_states, make_shards, tiny_args
 from data import shards
 from proc_helpers import start
 
@@ -148,6 +148,67 @@ def test_signal_to_a_training_process(sig, data, tmp_path):
     assert ck["step"] >= 3 and "optimizers" in ck
 
 
+def test_second_sigint_exits_130_and_keeps_the_checkpoints(data, reference, tmp_path, capsys):
+    """A second SIGINT while the first one's checkpoint is being written (a slow disk: each save
+    takes 1 s, in 8 chunks) interrupts at once: exit code 130 and the 'interrupted twice' error
+    line. The checkpoint the run resumed from is untouched, nothing half-written is listed, and
+    --resume latest continues the run. (No periodic saves: the first signal's stop is the only
+    write, so the second signal always lands in it, after the first was handled.)"""
+    out, log = str(tmp_path / "run"), str(tmp_path / "child.log")
+    os.makedirs(out)
+    ck2 = os.path.join(out, "ckpt_step000002.pt")
+    with open(os.path.join(reference, "ckpt_step000002.pt"), "rb") as src, open(ck2, "wb") as dst:
+        dst.write(src.read())
+    before = file_states(out)
+    p = start(tiny_args(data, out, num_steps=100000, log_every=1, resume="latest"), log, slow_disk=1.0)
+    deadline, metrics = time.monotonic() + 120, os.path.join(out, "metrics.jsonl")
+    while not (os.path.exists(metrics) and open(metrics).read().count("}\n") >= 1):  # resumed and training
+        assert p.is_alive() and time.monotonic() < deadline, open(log).read()
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGINT)  # first: stop at the next step boundary, saving a checkpoint
+    while not any(TMP in n for n in os.listdir(out)):  # that checkpoint is being written
+        assert p.is_alive() and time.monotonic() < deadline, open(log).read()
+        time.sleep(0.001)
+    os.kill(p.pid, signal.SIGINT)  # second: now
+    p.join(60)
+    text = open(log).read()
+    assert p.exitcode == 130, text
+    assert "error: interrupted twice; the last checkpoint written is intact (resume with --resume latest)" in text
+    assert "stopped by signal" not in text and not os.path.exists(os.path.join(out, "ckpt_final.pt"))
+    assert train_gpt.list_checkpoints(out) == [ck2] and file_states(out)["ckpt_step000002.pt"] == before["ckpt_step000002.pt"]
+    assert go(capsys, data, out, num_steps=4, resume="latest")[0] == 0
+    assert train_gpt.load_checkpoint(os.path.join(out, "ckpt_final.pt"))["step"] == 4
+    assert not [n for n in os.listdir(out) if TMP in n]
+
+
+def test_resume_by_run_name_and_by_path(data, reference, tmp_path, capsys, monkeypatch):
+    """The README's two ways to continue a run, typed in the working directory without --out_dir:
+    --resume latest --run_name NAME finds logs/NAME; --resume PATH (a relative path) continues in
+    PATH's directory. Both end bitwise where the uninterrupted run ends."""
+    monkeypatch.chdir(tmp_path)
+    real, calls = train_gpt.project_rowwise, [0]
+
+    def signal_during_step_3(model, cfg):
+        real(model, cfg)
+        calls[0] += 1
+        if calls[0] == 3:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(train_gpt, "project_rowwise", signal_during_step_3)
+    assert go(capsys, data, "", run_name="named")[0] == 0  # stopped at step 3, in logs/named
+    monkeypatch.setattr(train_gpt, "project_rowwise", real)
+    assert [os.path.basename(c) for c in train_gpt.list_checkpoints(os.path.join("logs", "named"))] == ["ckpt_step000003.pt"]
+    assert go(capsys, data, "", resume="latest", run_name="named")[0] == 0
+    assert same_weights(final_weights(os.path.join("logs", "named")), final_weights(reference))
+    assert losses(os.path.join("logs", "named")) == losses(reference)
+    os.makedirs("elsewhere")
+    with open(os.path.join(reference, "ckpt_step000004.pt"), "rb") as src, open(os.path.join("elsewhere", "ck.pt"), "wb") as dst:
+        dst.write(src.read())
+    assert go(capsys, data, "", resume=os.path.join("elsewhere", "ck.pt"))[0] == 0
+    assert same_weights(final_weights("elsewhere"), final_weights(reference))
+    assert losses("elsewhere") == losses(reference)[4:]
+    assert os.listdir("logs") == ["named"]  # nothing written under a default run name
+
+
 def test_keep_last(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert go(capsys, data, out, num_steps=5, save_every=1, keep_last=2)[0] == 0
@@ -207,12 +268,16 @@ def test_resume_refusals(data, reference, tmp_path, capsys):
          "past --num_steps 2"),
         (dict(out_dir=str(tmp_path / "x"), resume=str(tmp_path / "nope.pt")), "no such checkpoint"),
     ]
+    before = {d: file_states(d) for d in (reference, run)}
     for over, msg in cases:
         rc, err = go(capsys, data, over.pop("out_dir"), **over)
         assert rc == 2 and msg in one_error_line(err), (over, err)
     os.remove(os.path.join(run, "ckpt_final.pt"))
+    del before[run]["ckpt_final.pt"]
     rc, err = go(capsys, data, run, resume=os.path.join(run, "ckpt_step000001.pt"))
     assert rc == 2 and "holds a newer checkpoint (ckpt_step000003.pt)" in one_error_line(err)
+    assert {d: file_states(d) for d in (reference, run)} == before  # refused: every file as it was (bytes, mtime)
+    assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "x")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_shards, tiny_args
+from conftest import REPO, file_states, make_shards, tiny_args
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import plot_frontier  # noqa: E402
@@ -272,6 +272,35 @@ def test_results_table_groups_seeds(tmp_path):
     assert "slice val loss" not in table and all(line.startswith("| repo |") for line in lines[2:])
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_results_table_certify_computes_a_missing_certificate(tmp_path):
+    """A finished run whose certificate.json is missing (its process ended between the final
+    checkpoint and the certificate): the table shows '-' for its bounds, and with --certify it
+    computes the certificate, saves it (the same as the trainer's) and shows the bounds."""
+    data = make_shards(str(tmp_path / "data"))
+    run = str(tmp_path / "run")
+    assert train_gpt.main(tiny_args(data, run, num_steps=2)) == 0
+    cert_path = os.path.join(run, "certificate.json")
+    with open(cert_path) as fh:
+        trainer_cert = json.load(fh)
+    os.remove(cert_path)
+    script = [sys.executable, os.path.join(REPO, "scripts", "results_table.py"), run]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[2]
+    assert "| - | - |" in row and not os.path.exists(cert_path)  # without --certify: nothing computed
+    r = subprocess.run(script + ["--certify", "--out", str(tmp_path / "t.md")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    with open(cert_path) as fh:
+        cert = json.load(fh)
+    assert cert.pop("certify_s") > 0 and trainer_cert.pop("certify_s") > 0  # its own timing
+    assert cert == trainer_cert
+    paper, tight = (cert["modes"][m]["log10_bound"] for m in ("paper", "tight"))
+    assert f"| 10^{paper:.2f} | 10^{tight:.2f} |" in r.stdout.splitlines()[2]
+    assert (tmp_path / "t.md").read_text() == r.stdout
+
+
 def test_results_table_shows_recipe_and_slice(tmp_path):
     """A run of the reference recipe that scored the reference's slice: its own recipe tag and a slice
     column; a repo-recipe run next to it has '-' there."""
@@ -304,19 +333,21 @@ def _toy_config(tmp_path, data_dir):
 
 
 def test_toy_sweep_end_to_end(tmp_path):
+    """Two runs, both at their cap from init (gain min(1, w_max)); then a re-run skips the finished
+    run and resumes the interrupted one (a ckpt_step*.pt and no ckpt_final.pt) to the same weights."""
     data = make_shards(str(tmp_path / "data"))
     config = _toy_config(tmp_path, data)
     out = tmp_path / "sweep"
-    cmd = ["bash", os.path.join(REPO, "scripts", "sweep_sigma_max.sh"), "--config", config, "--w_max", "0.5 2",
-           "--out", str(out)]
+    cmd = ["bash", os.path.join(REPO, "scripts", "sweep_sigma_max.sh"), "--config", config, "--w_max", "0.5 1",
+           "--out", str(out), "--", "--save_every", "4"]
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert runs == ["soft_cap_w0.5_s0", "soft_cap_w2_s0"]
+    assert runs == ["soft_cap_w0.5_s0", "soft_cap_w1_s0"]
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 4
-    for name, w in (("soft_cap_w0.5_s0", "0.5"), ("soft_cap_w2_s0", "2")):
+    for name, w in (("soft_cap_w0.5_s0", "0.5"), ("soft_cap_w1_s0", "1")):
         run = out / name
         cfg = json.loads((run / "config.json").read_text())
         assert cfg["w_max"] == float(w) and (run / "ckpt_final.pt").is_file()
@@ -326,13 +357,28 @@ def test_toy_sweep_end_to_end(tmp_path):
         final = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m][-1]
         row = next(line for line in table if f"| {w} |" in line)
         assert f"10^{tight:.2f}" in row and f"{final['val_loss']:.4f}" in row and f"{final['val_acc']:.4f}" in row
-        # every matrix respected its cap (the measured norms of the final eval)
+        # every matrix respected its cap, which binds (the measured norms of the final eval)
         hidden = [v for k, v in final["norms"].items() if k.startswith("blocks")]
-        assert max(hidden) <= float(w) * (1 + 1e-5)
+        assert 0.9 * float(w) <= max(hidden) <= float(w) * (1 + 1e-5)
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # re-running fills gaps only: nothing left to train
+    # an interrupted run (killed after its step-4 checkpoint) is resumed; the finished one is skipped
+    run = out / "soft_cap_w1_s0"
+    done = train_gpt.load_checkpoint(str(run / "ckpt_final.pt"))["model"]
+    os.remove(run / "ckpt_final.pt")
+    os.remove(run / "certificate.json")
+    kept = {n: (out / "soft_cap_w0.5_s0" / n).read_bytes() for n in ("ckpt_final.pt", "metrics.jsonl", "config.json")}
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r2.returncode == 0 and r2.stdout.count("finished, skipped") == 2, r2.stdout + r2.stderr
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.stdout.count("finished, skipped") == 1 and "soft_cap_w1_s0: interrupted, resuming" in r2.stdout
+    assert "resumed at step 4" in r2.stdout
+    again = train_gpt.load_checkpoint(str(run / "ckpt_final.pt"))["model"]
+    assert again.keys() == done.keys() and all(torch.equal(again[k], done[k]) for k in done)
+    assert json.loads((run / "certificate.json").read_text())["modes"]["tight"]["log10_bound"] == tight
+    assert {n: (out / "soft_cap_w0.5_s0" / n).read_bytes() for n in kept} == kept
+    assert (out / "results.md").read_text().splitlines() == table
+    # re-running fills gaps only: nothing left to train
+    r3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r3.returncode == 0 and r3.stdout.count("finished, skipped") == 2, r3.stdout + r3.stderr
 
 
 def test_frontier_plot_names_its_missing_requirement(tmp_path, monkeypatch):
@@ -367,8 +413,10 @@ def test_sweep_fails_fast_with_clear_errors(tmp_path):
     # an unfinished run without a checkpoint stops the sweep instead of being overwritten
     (tmp_path / "u" / "soft_cap_w1_s0").mkdir(parents=True)
     (tmp_path / "u" / "soft_cap_w1_s0" / "config.json").write_text("{}")
+    before = file_states(str(tmp_path / "u"))
     r = run("--config", config, "--w_max", "1", "--out", str(tmp_path / "u"))
     assert r.returncode == 2 and "rm -r" in r.stderr
+    assert file_states(str(tmp_path / "u")) == before
 
 
 def test_baseline_arch_trains_and_logs_activations(tmp_path):
@@ -436,3 +484,89 @@ def test_sample_picks_gpt2_for_padded_vocab(tmp_path, gpt2):
     cfg.vocab_size = 100
     with pytest.raises(sample.SampleError, match="--meta"):
         sample.tokenizer_for(cfg, str(tmp_path / "ckpt.pt"), None)
+
+
+# -----------------------------------------------------------------------------
+# Smoke runs of the frontier and benchmark scripts at toy size (what they print is checked, not timed)
+
+TOY_MODEL = dict(vocab_size=65, n_layer=1, n_head=2, d_model=32, seq_len=32, batch_tokens=128, micro_batch_tokens=128)
+
+
+def _toy_model_toml(tmp_path):
+    path = tmp_path / "toy_model.toml"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in TOY_MODEL.items()))
+    return str(path)
+
+
+def test_shakespeare_frontier_smoke(shakespeare_dir, tmp_path):
+    """scripts/shakespeare_frontier.sh --short with --only three of its runs (the baseline, soft cap,
+    hard cap) and a toy model on the real shards: each run trains with its grid settings, then the
+    table with a certificate per Lipschitz run and both plots."""
+    script = os.path.join(REPO, "scripts", "shakespeare_frontier.sh")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    dry = subprocess.run(["bash", script, "--short", "--dry_run"], capture_output=True, text=True, env=env, timeout=60)
+    names = [line.split()[0] for line in dry.stdout.splitlines()[1:]]
+    assert dry.returncode == 0 and len(names) == len(set(names)) == 21, dry.stdout
+    only = "^(baseline_s0|muon_soft_cap_w3.0_ss16_fs8_s0|muon_hard_cap_w1.0_ss16_fs2_s0)$"
+    toy = [f"--{k}={v}" for k, v in TOY_MODEL.items()] + [
+        "--num_steps=2", "--eval_every=0", "--val_tokens=1024", "--dtype=fp32", "--device=cpu", "--momentum_warmup_steps=1",
+        f"--train_bin={os.path.join(shakespeare_dir, 'train_*.bin')}", f"--val_bin={os.path.join(shakespeare_dir, 'val_*.bin')}"]
+    out = tmp_path / "frontier"
+    r = subprocess.run(["bash", script, "--short", "--only", only, "--out", str(out), "--", *toy],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = {"baseline_s0": dict(arch="baseline", constraint="none", optimizer="adamw"),
+            "muon_soft_cap_w3.0_ss16_fs8_s0": dict(constraint="soft_cap", w_max=3.0, head_w_max=3.0, softmax_scale=16.0, final_scale=8.0),
+            "muon_hard_cap_w1.0_ss16_fs2_s0": dict(constraint="hard_cap", w_max=1.0, head_w_max=1.0, softmax_scale=16.0, final_scale=2.0)}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(want)
+    for name, settings in want.items():
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert {k: cfg[k] for k in settings} == settings and cfg["num_steps"] == 2 and cfg["d_model"] == 32, name
+        assert (out / name / "ckpt_final.pt").is_file() and (out / name / "certificate.json").is_file()
+    rows = (out / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == 3 and sum("| inf | inf |" in row for row in rows) == 1  # the baseline: no certificate
+    assert all(re.search(r"\| 10\^-?\d+\.\d\d \| 10\^-?\d+\.\d\d \|", row) for row in rows if "baseline" not in row)
+    for png in ("frontier.png", "frontier_paper.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_step_smoke(tmp_path):
+    """scripts/bench_step.py on a toy model: every variant runs, its parts are timed (the constraint
+    through MatrixOptimizer.mark) and its loss matches the eager fp32 loss."""
+    out = str(tmp_path / "bench.json")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_step.py"), "--config", _toy_model_toml(tmp_path),
+                        "--dtype", "bf16", "--plain_dtypes", "fp32", "--constraints", "soft_cap,hard_cap", "--steps", "1",
+                        "--warmup", "1", "--batch", "2", "--threads", "1", "--device", "cpu", "--json", out],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.load(open(out))
+    assert res["tokens_per_step"] == 64 and [v["name"] for v in res["results"]] == [
+        "ours soft_cap bf16", "ours hard_cap bf16", "plain AdamW fp32"]
+    for v in res["results"]:
+        assert v["loss_ok"] and math.isfinite(v["loss_configured"]) and v["step_s"] > 0, v
+        parts = v["parts_s"]
+        assert parts["fwd_bwd"] > 0 and parts["update"] > 0, v
+        if v["kind"] == "ours":
+            assert parts["constraint"] > 0 and parts["bookkeeping"] > 0, v
+    assert "configured-vs-eager-fp32 loss check: all within 2% relative" in r.stdout
+
+
+def test_bench_constraints_smoke(tmp_path):
+    """scripts/bench_constraints.py at toy shapes and a toy model: every method on every shape, the
+    guaranteed ones at or under w_max after the call, the step-fraction table, the tracking check."""
+    methods = ["spectral_normalize", "soft_cap", "hard_cap", "stiefel", "svd_clip"]
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_constraints.py"), "--shapes", "48x32,32x96",
+                        "--config", _toy_model_toml(tmp_path), "--repeats", "1", "--tracking_steps", "6",
+                        "--methods", ",".join(methods)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    for shape in ("48x32", "32x96"):
+        for m in methods:
+            row = next(line.split() for line in lines if line.split()[:2] == [m, shape])
+            after = float(row[3])
+            assert after <= 1 + 1e-3 if m in train_gpt.GUARANTEED else after > 0, (m, shape, row)
+    assert "above w_max" not in r.stdout
+    i = lines.index(next(line for line in lines if line.startswith("toy_model.toml model (1 layers, d 32")))
+    assert [line.split()[0] for line in lines[i + 3: i + 3 + len(methods)]] == methods
+    assert sum("worst relative underestimate of sigma_1 over steps 5-5" in line for line in lines) == 4

@@ -1,8 +1,10 @@
 """The trainer: config, model invariants, Muon's update norm, constraints after steps,
 a short real-data run."""
 
+import ast
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, tiny_args
+from conftest import REPO, file_states, tiny_args
 from data import shards
 
 
@@ -25,12 +27,22 @@ def small_cfg(**over):
 # ---- config and CLI
 
 def test_help_lists_every_key_with_default():
+    """Each option's own help entry shows its type and the Config default (COLUMNS is wide, so
+    argparse does not wrap the help; a default shown in another option's entry does not count)."""
+    env = dict(os.environ, COLUMNS="100000")
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_gpt.py"), "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    flat = " ".join(out.split())
+                         check=True, env=env).stdout
+    entries = re.split(r"\n(?=  -)", out.split("\noptions:\n")[1])  # an option's line and its help (next line if long)
+    shown = {}
+    for e in entries:
+        m = re.fullmatch(r"  --(\w+) (\w+)\s+.*\(default: (.*)\)", e.strip("\n"), re.S)
+        if m:
+            shown[m[1]] = (m[2], m[3])
+    assert set(shown) == {f.name for f in fields(tg.Config)}
     for f in fields(tg.Config):
-        assert f"--{f.name}" in out, f.name
-        assert f"(default: {f.default!r})" in flat, f.name
+        metavar, default = shown[f.name]
+        assert metavar == f.type.upper(), f.name
+        assert default == repr(f.default) and ast.literal_eval(default) == f.default, (f.name, default, f.default)
 
 
 def test_command_line_beats_file_beats_default(tmp_path):
@@ -167,19 +179,36 @@ def test_norms_stay_below_w_max_after_steps(constraint):
 
 # ---- end to end
 
+@pytest.mark.usefixtures("one_thread")  # training in this process: no OpenMP spinning under load
 def test_tiny_run_writes_a_self_describing_run_dir(tiny_shards, tmp_path):
+    """Caps that bind: the hidden matrices start at w_max 0.3 (init gain min(1, w_max)) and Muon
+    pushes them up; the zero-initialized head steps 0.03 x stretch a step towards head_w_max 0.15.
+    Every logged norm stays at or under its cap and the largest reach it (soft cap: within 10%)."""
     out = str(tmp_path / "run")
-    assert tg.main(tiny_args(tiny_shards, out)) == 0
-    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt_final.pt"):
+    caps = dict(w_max=0.3, head_w_max=0.15, lr_head=0.03, eval_every=2)
+    assert tg.main(tiny_args(tiny_shards, out, **caps)) == 0
+    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt_final.pt", "certificate.json"):
         assert os.path.exists(os.path.join(out, f)), f
     model, cfg, ck = tg.model_from_checkpoint(os.path.join(out, "ckpt_final.pt"))
-    assert cfg.d_model == 32 and ck["step"] == 6
+    assert cfg.d_model == 32 and ck["step"] == 6 and (cfg.w_max, cfg.head_w_max) == (0.3, 0.15)
     import json
-    m = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"norms"' in line]
+    m = evals[-1]
+    assert [e["step"] for e in evals] == [2, 4, 6]
     assert {"step", "train_loss", "val_loss", "val_acc", "max_act_entry", "max_act_rms", "norms"} <= set(m)
-    assert m["norms"]["head"] <= 1.0 + 1e-3
-    # the same run dir is never overwritten
-    assert tg.main(tiny_args(tiny_shards, out)) == 2
+    for e in evals:
+        n = e["norms"]
+        hidden = [v for k, v in n.items() if k.startswith("blocks")]
+        assert len(hidden) == 12 and max(hidden) <= 0.3 * (1 + 1e-5), n
+        assert n["head"] <= 0.15 * (1 + 1e-5) and n["embed.max_row_rms"] <= 1.0 + 1e-6, n
+    assert min(v for k, v in m["norms"].items() if k.startswith("blocks") and not k.endswith("proj")) >= 0.9 * 0.3
+    assert m["norms"]["head"] >= 0.9 * 0.15 and m["norms"]["embed.max_row_rms"] >= 0.99  # the caps bind
+    # the norms logged are the checkpoint's: the exact RMS->RMS norms of the final weights
+    assert m["norms"]["head"] == pytest.approx(float(tg.spectral_norm_exact(model.head)) / tg.rms_scale(model.head), rel=1e-9)
+    # the same run dir is never overwritten: refused with exit code 2, every file as it was
+    before = file_states(out)
+    assert tg.main(tiny_args(tiny_shards, out, **caps)) == 2
+    assert file_states(out) == before
 
 
 def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_path):
@@ -196,3 +225,53 @@ def test_thirty_steps_on_shakespeare_lower_the_val_loss(shakespeare_dir, tmp_pat
 def test_missing_shards_say_which_flag_to_fix(tmp_path):
     with pytest.raises(tg.DataError, match=r"no val shards match .* or fix --val_bin$"):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "val")
+
+
+# ---- schedules
+
+@pytest.mark.parametrize("num_steps,cooldown,final,expect", [
+    # t = step / num_steps; flat while t < 1 - cooldown, then w = (1 - t) / cooldown and w + (1 - w) final
+    (10, 0.4, 0.1, {0: 1.0, 5: 1.0, 6: 1.0, 7: 0.775, 8: 0.55, 9: 0.325, 10: 0.1}),
+    (8, 0.5, 0.0, {0: 1.0, 3: 1.0, 4: 1.0, 5: 0.75, 6: 0.5, 7: 0.25}),
+    (4, 1.0, 0.5, {0: 1.0, 1: 0.875, 2: 0.75, 3: 0.625}),
+    (5, 0.0, 0.1, {0: 1.0, 4: 1.0}),  # no cooldown (never called at step num_steps: no step follows)
+])
+def test_lr_factor_by_hand(num_steps, cooldown, final, expect):
+    cfg = small_cfg(num_steps=num_steps, cooldown_frac=cooldown, final_lr_frac=final)
+    assert {s: tg.lr_factor(s, cfg) for s in expect} == pytest.approx(expect, abs=1e-12)
+
+
+@pytest.mark.parametrize("warmup,expect", [
+    (300, {0: 0.85, 30: 0.86, 150: 0.90, 299: 0.95 - 0.1 / 300, 300: 0.95, 1000: 0.95}),
+    (0, {0: 0.95, 7: 0.95}),  # no warm-up
+])
+def test_momentum_warmup_by_hand(warmup, expect):
+    cfg = small_cfg(momentum_warmup_start=0.85, momentum=0.95, momentum_warmup_steps=warmup)
+    assert {s: tg.momentum_at(s, cfg) for s in expect} == pytest.approx(expect, abs=1e-12)
+
+
+@pytest.mark.usefixtures("one_thread")  # training in this process: no OpenMP spinning under load
+def test_the_trainer_steps_with_the_scheduled_lr_and_momentum(tiny_shards, tmp_path, monkeypatch):
+    """Through main: the learning rate of every optimizer group and Muon's momentum as each step's
+    optimizer sees them, and the logged lr_frac, against the schedule computed by hand."""
+    seen, real = [], tg.optimizer_step
+
+    def record(model, mat_opt, adam, cfg):
+        seen.append(([g["lr"] for g in mat_opt.param_groups], [g["momentum"] for g in mat_opt.param_groups],
+                     [g["lr"] for g in adam.param_groups]))
+        return real(model, mat_opt, adam, cfg)
+    monkeypatch.setattr(tg, "optimizer_step", record)
+    out = str(tmp_path / "run")
+    assert tg.main(tiny_args(tiny_shards, out, num_steps=6, cooldown_frac=0.5, final_lr_frac=0.2, momentum_warmup_steps=4,
+                             momentum_warmup_start=0.85, momentum=0.95, lr_hidden=0.04, lr_head=0.02, lr_embed=0.1)) == 0
+    # t = 0, 1/6, 2/6 flat; t = 3/6: w = 1; t = 4/6: w = 2/3, 2/3 + 1/3 x 0.2; t = 5/6: w = 1/3, 1/3 + 2/3 x 0.2
+    frac = [1.0, 1.0, 1.0, 1.0, 11 / 15, 7 / 15]
+    mom = [0.85, 0.875, 0.9, 0.925, 0.95, 0.95]
+    assert len(seen) == 6
+    for step, (mat_lrs, moms, adam_lrs) in enumerate(seen):
+        assert mat_lrs == pytest.approx([0.04 * frac[step], 0.02 * frac[step]], abs=1e-12), step  # hidden, head
+        assert moms == pytest.approx([mom[step]] * 2, abs=1e-12), step
+        assert adam_lrs == pytest.approx([0.1 * frac[step]], abs=1e-12), step  # the embedding
+    import json
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"lr_frac"' in line]
+    assert [r["lr_frac"] for r in logged] == pytest.approx(frac, abs=1e-12)
