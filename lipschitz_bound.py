@@ -63,7 +63,7 @@ import time
 
 import torch
 
-from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, CheckpointError, ConfigError, DataError, apply_rope,
+from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, UNCONSTRAINED_ARCHS, CheckpointError, ConfigError, DataError, apply_rope,
                        atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
                        load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables,
                        spectral_norm_exact, validate_config)
@@ -748,8 +748,8 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
         raise CertificateError(f"rope {rope!r} is not one of auto, exact, bound")
     if activation not in ("auto", "ellipsoid", "scalar"):
         raise CertificateError(f"activation {activation!r} is not one of auto, ellipsoid, scalar")
-    if cfg.arch == "baseline":
-        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified (the baseline's "
+    if cfg.arch in UNCONSTRAINED_ARCHS:
+        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified ({cfg.arch}'s "
                                "RMSNorm and QK-norm have no global Lipschitz bound)")
     _check_state(state_dict, cfg)
     exact_rope, ellipsoid = analysis_choices(cfg, rope, activation)
@@ -804,7 +804,7 @@ def certify_checkpoint(path: str, mode: str = "all", empirical: bool = False, ro
     {"certified": False, "reason": ...}."""
     ck = load_checkpoint(path)
     cfg = config_from_checkpoint(ck, path)
-    if cfg.arch == "baseline":
+    if cfg.arch in UNCONSTRAINED_ARCHS:
         return {"certified": False, "reason": f"arch={cfg.arch} has no Lipschitz certificate", "path": path}
     data, note = None, None
     if empirical and any(s.startswith("data") for s in searches):

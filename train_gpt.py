@@ -85,6 +85,9 @@ def attn_out_factor(cfg) -> float:
     return ATTN_OUT_FACTOR if cfg.arch == "lipschitz" else 1.0
 
 
+UNCONSTRAINED_ARCHS = ("baseline", "speedrun")  # norms instead of weight constraints: no certificate
+
+
 def attn_scale(cfg) -> float:
     """The factor of q k^T inside the softmax: softmax_scale / d_head (1/d attention, the Lipschitz
     archs), or 1 / sqrt(d_head) (the baseline)."""
@@ -101,7 +104,7 @@ CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_ham
 @dataclass
 class Config:
     # model
-    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's); plain_residual (the same with residuals x + f(x) and attention output W_o y, no 1/3: the forward pass of the reference code's Shakespeare sweeps, where Modula's Mul multiplied by 1); or baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals)"})
+    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's); plain_residual (the same with residuals x + f(x) and attention output W_o y, no 1/3: the forward pass of the reference code's Shakespeare sweeps, where Modula's Mul multiplied by 1); baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals); or speedrun (the modded-nanogpt record of 2025-02-01, the paper's 'Baseline (speedrun)': value embeddings, U-net skips, x0 mixing, ReLU^2, attention scale 0.12, no attention in layer 7, FP8 head on CUDA; see SpeedrunGPT; needs n_layer even and >= 8)"})
     vocab_size: int = field(default=50304, metadata={"help": "vocabulary size (GPT-2's 50257 padded to 50304); must exceed every token id"})
     n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=6, metadata={"help": "attention heads"})
@@ -117,7 +120,8 @@ class Config:
     doc_token: int = field(default=-1, metadata={"help": "token id that begins a document: attention never crosses into an earlier document (-1: off; the 145M reference scripts: 50256, GPT-2's <|endoftext|>)"})
     window_schedule: str = field(default="none", metadata={"help": "attention window over the steps: none, or reference (the 145M scripts': in blocks of 128 tokens, the smallest multiple of 128 >= 1728 x step / num_steps, at least 128, so 128 -> 1792; a query sees keys in its own and the previous window/128 - 1 blocks)"})
     layer_pattern: str = field(default="", metadata={"help": "one letter per layer, L (long: the full window) or S (short: half the window's blocks); empty: all L. The 145M reference at 12 layers: LSSSLSSLSSSL"})
-    logit_softcap: float = field(default=15.0, metadata={"help": "baseline arch only: logits = c tanh(logits / c)"})
+    logit_softcap: float = field(default=15.0, metadata={"help": "baseline: logits = c tanh(logits / c); speedrun: 2c sigmoid(2 logits / c) (the record's 30 sigmoid(z / 7.5) at c = 15: the same map plus c, so the same loss)"})
+    fp8_head: bool = field(default=True, metadata={"help": "arch=speedrun: training forwards on CUDA run the head as the record's FP8 matmul (x x 2 and W x 2^9 in e4m3, gradients x 2^19 in e5m2, bf16 out); eval, and every forward on CPU, use the plain head (bf16 under dtype=bf16)"})
     dropout: float = field(default=0.0, metadata={"help": "baseline arch only: dropout on embeddings, attention weights and sub-block outputs while training (nanoGPT's char model: 0.2)"})
     # optimization
     optimizer: str = field(default="muon", metadata={"help": "muon or adamw, for the hidden matrices and the head"})
@@ -132,7 +136,9 @@ class Config:
     micro_batch_tokens: int = field(default=49152, metadata={"help": "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)"})
     lr_hidden: float = field(default=0.05, metadata={"help": "learning rate (RMS->RMS update norm for Muon) of hidden matrices"})
     lr_head: float = field(default=0.005, metadata={"help": "learning rate of the head"})
-    lr_embed: float = field(default=0.1, metadata={"help": "learning rate of the embedding (Adam, or the RMS of each row's update with embed_update=rownorm)"})
+    lr_embed: float = field(default=0.1, metadata={"help": "learning rate of the embedding (Adam, or the RMS of each row's update with embed_update=rownorm); arch=speedrun: also its value embeddings"})
+    lr_scalar: float = field(default=0.04, metadata={"help": "arch=speedrun: Adam learning rate of its scalars (x0 and value mixing weights, U-net skip weights; the record's 0.04)"})
+    muon_scale: str = field(default="rms", metadata={"help": "Muon step of a (d_out, d_in) matrix: rms (lr x sqrt(d_out/d_in) x the orthogonalized update: its RMS->RMS norm is lr) or speedrun (lr x max(1, d_out/d_in)^0.5, the record's)"})
     lr_alloc: str = field(default="uniform", metadata={"help": "uniform: each matrix steps at its group's lr; modula: each lr is multiplied by the matrix's share of the update under Modula's masses and sensitivities (blocks_mass; see modula_shares), as the reference code does"})
     blocks_mass: float = field(default=16.0, metadata={"help": "lr_alloc=modula: mass of all blocks together (embedding and head have mass 1)"})
     embed_update: str = field(default="adam", metadata={"help": "adam, or rownorm (the reference code's dualized embedding update: Muon's momentum of the gradient, each row scaled to RMS 1, rows below RMS 1/embed_max_inflation inflated at most embed_max_inflation times)"})
@@ -145,7 +151,7 @@ class Config:
     momentum_warmup_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
     momentum_warmup_steps: int = field(default=300, metadata={"help": "steps of linear momentum warm-up"})
     ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)"})
-    ns_coeffs: str = field(default="polar_express", metadata={"help": "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin) or reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5)"})
+    ns_coeffs: str = field(default="polar_express", metadata={"help": "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin), reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5) or speedrun (the record's one quintic (3.4445, -4.7750, 2.0315) ns_steps times, after the same division)"})
     hidden_init: str = field(default="orthogonal", metadata={"help": "init of W_q, W_k, W_v and W_in: orthogonal (exact, RMS->RMS norm min(1, w_max)) or ns_uniform (the 145M scripts': uniform entries through their 5-step Newton-Schulz, RMS->RMS norm up to ~1.15 at step 0; times min(1, w_max))"})
     embed_cap: str = field(default="project", metadata={"help": "how rows are held to RMS <= emb_w_max: project (every row, at init and after each step) or lookup (the 145M scripts' nn.Embedding(max_norm=emb_w_max sqrt(d_model)): a row is renormalized in place when a forward pass (training or eval) looks it up)"})
     soft_cap_dtype: str = field(default="fp32", metadata={"help": "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it"})
@@ -182,14 +188,15 @@ ARCH_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", 
 STATE_KEYS = ("seq_len", "optimizer", "constraint", "embed_update", "rope", "embed_cap", "doc_token", "window_schedule",
               "layer_pattern", "loader")  # a resume may not change these either
 CHOICES = {
-    "arch": ("lipschitz", "plain_residual", "baseline"),
+    "arch": ("lipschitz", "plain_residual", "baseline", "speedrun"),
     "optimizer": ("muon", "adamw"),
     "lr_alloc": ("uniform", "modula"),
     "embed_update": ("adam", "rownorm"),
     "soft_cap_coupling": ("exact", "reference", "nanogpt"),
     "rope": ("full", "half_truncated"),
     "window_schedule": ("none", "reference"),
-    "ns_coeffs": ("polar_express", "reference"),
+    "ns_coeffs": ("polar_express", "reference", "speedrun"),
+    "muon_scale": ("rms", "speedrun"),
     "hidden_init": ("orthogonal", "ns_uniform"),
     "embed_cap": ("project", "lookup"),
     "soft_cap_dtype": ("fp32", "bf16"),
@@ -263,7 +270,7 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"{k}={getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
     positive = ["vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "seq_len", "num_steps", "batch_tokens",
                 "micro_batch_tokens", "w_max", "emb_w_max", "head_w_max", "final_scale", "softmax_scale", "ns_steps",
-                "lr_hidden", "lr_head", "lr_embed", "keep_last", "adam_eps", "logit_softcap", "blocks_mass"]
+                "lr_hidden", "lr_head", "lr_embed", "lr_scalar", "keep_last", "adam_eps", "logit_softcap", "blocks_mass"]
     for k in positive:
         v = getattr(cfg, k)
         if not (v > 0 and math.isfinite(v)):
@@ -300,24 +307,32 @@ def validate_config(cfg: Config) -> None:
                           f"set seq_len={cfg.micro_batch_tokens} (now {cfg.seq_len})")
     if cfg.ns_coeffs == "reference" and cfg.ns_steps != len(NANOGPT_NS):
         raise ConfigError(f"ns_coeffs=reference is {len(NANOGPT_NS)} fixed steps; set ns_steps={len(NANOGPT_NS)} (now {cfg.ns_steps})")
-    if cfg.embed_cap == "lookup" and (cfg.embed_update != "adam" or cfg.arch == "baseline"):
+    if cfg.embed_cap == "lookup" and (cfg.embed_update != "adam" or cfg.arch in UNCONSTRAINED_ARCHS):
         raise ConfigError("embed_cap=lookup renormalizes the rows that Adam steps (embed_update=adam) in a Lipschitz arch; "
                           "use embed_cap=project")
     if cfg.stop_after > cfg.num_steps:
         raise ConfigError(f"stop_after={cfg.stop_after} is past num_steps={cfg.num_steps}; stop_after ends a run early "
                           "inside its schedule (0: run all num_steps)")
-    if cfg.arch == "baseline" and cfg.constraint != "none":
-        raise ConfigError(f"arch=baseline has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
+    if cfg.arch in UNCONSTRAINED_ARCHS and cfg.constraint != "none":
+        raise ConfigError(f"arch={cfg.arch} has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
+    if cfg.arch == "speedrun":
+        if cfg.n_layer % 2 or cfg.n_layer < SPEEDRUN_NO_ATTN_LAYER + 1:
+            raise ConfigError(f"arch=speedrun needs an even n_layer >= {SPEEDRUN_NO_ATTN_LAYER + 1} (U-net halves, "
+                              f"{SPEEDRUN_VALUE_EMBEDS} value-embedded layers at each end, no attention in layer "
+                              f"{SPEEDRUN_NO_ATTN_LAYER}); got {cfg.n_layer}")
+        if cfg.final_scale != 1.0 or cfg.head_spectral or cfg.qk_clip_tau > 0 or cfg.hidden_init != "orthogonal":
+            raise ConfigError("arch=speedrun has its own init, an Adam head, no final_scale and no QK-Clip: set head_spectral = false "
+                              "and leave final_scale (1), qk_clip_tau (0) and hidden_init (orthogonal) at their defaults")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.dropout > 0 and masked_attention(cfg):
         raise ConfigError("dropout is not supported with doc_token or window_schedule (FlexAttention has no dropout)")
     if cfg.dropout > 0 and cfg.arch != "baseline":
         raise ConfigError(f"dropout={cfg.dropout} is for arch=baseline only (the Lipschitz map the certificate bounds has none)")
-    if cfg.lr_alloc == "modula" and cfg.arch == "baseline":
+    if cfg.lr_alloc == "modula" and cfg.arch in UNCONSTRAINED_ARCHS:
         raise ConfigError("lr_alloc=modula derives step sizes from the Lipschitz architecture's scalars; "
-                          "arch=baseline (RMSNorm) has no such sensitivities: use lr_alloc=uniform")
-    if cfg.embed_update == "rownorm" and (cfg.optimizer != "muon" or cfg.arch == "baseline"):
+                          f"arch={cfg.arch} (RMSNorm) has no such sensitivities: use lr_alloc=uniform")
+    if cfg.embed_update == "rownorm" and (cfg.optimizer != "muon" or cfg.arch in UNCONSTRAINED_ARCHS):
         raise ConfigError("embed_update=rownorm is the Modula update of a capped embedding and uses Muon's momentum: "
                           "it needs optimizer=muon and a Lipschitz arch; use embed_update=adam")
     if cfg.embed_max_inflation < 1 or not math.isfinite(cfg.embed_max_inflation):
@@ -376,11 +391,17 @@ NANOGPT_NS_EPS = 1e-7
 NANOGPT_NS_STRETCH = 1.14502
 NANOGPT_CAP_MARGIN = 1.05
 NANOGPT_INIT_STD = 0.5    # hidden_init=ns_uniform: entries uniform with std 0.5 / sqrt(d_in) before the NS map
+# ns_coeffs=speedrun: the modded-nanogpt record's (2025-02-01) single quintic, applied ns_steps times after
+# the same G / (||G||_F + 1e-7); chosen for slope at 0, not convergence: on a 1e-6 grid its 5-step composite
+# maps [0.01, 1] into [0.68, 1.13] (largest output 1.20: ns_max_stretch(5, "speedrun")).
+SPEEDRUN_NS = (3.4445, -4.7750, 2.0315)
 
 
 def ns_coefficients(steps: int, kind: str = "polar_express") -> list[tuple[float, float, float]]:
     if kind == "reference":
         return NANOGPT_NS[:steps]
+    if kind == "speedrun":
+        return [SPEEDRUN_NS] * steps
     return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
 
 
@@ -433,9 +454,10 @@ def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, kind
 
     Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
     by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero.
-    kind=reference: the 145M scripts' map instead, G / (||G||_F + 1e-7) in `dtype` and NANOGPT_NS."""
+    kind=reference / speedrun: the 145M scripts' / the speedrun record's map instead, G / (||G||_F + 1e-7)
+    in `dtype`, then NANOGPT_NS / SPEEDRUN_NS."""
     X, tall = _wide(G)
-    if kind == "reference":
+    if kind in ("reference", "speedrun"):
         X = X.to(dtype)
         X = quintic_steps(X / (torch.linalg.matrix_norm(X, keepdim=True) + NANOGPT_NS_EPS), ns_coefficients(steps, kind)).float()
         return X.mT if tall else X
@@ -490,6 +512,14 @@ def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
 def rms_scale(W: torch.Tensor) -> float:
     """sqrt(d_out / d_in): a matrix's RMS->RMS norm is sigma_max(W) / rms_scale(W)."""
     return math.sqrt(W.size(-2) / W.size(-1))
+
+
+def muon_step_scale(W: torch.Tensor, rule: str) -> float:
+    """Factor of Muon's lr for matrix W (..., d_out, d_in): rms_scale (muon_scale=rms: the update's
+    RMS->RMS norm is lr) or max(1, d_out/d_in)^0.5 (muon_scale=speedrun, the record's)."""
+    if rule == "speedrun":
+        return max(1.0, W.size(-2) / W.size(-1)) ** 0.5
+    return rms_scale(W)
 
 
 def soft_cap_alpha(w_max: float, max_update_norm: float) -> float:
@@ -818,13 +848,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
                  momentum: float = 0.95, ns_steps: int = 5, power_iters: int = 4,
                  betas=(0.9, 0.95), eps: float = 1e-10, nesterov: bool = True, coupling: str = "exact",
                  ns_dtype: torch.dtype = torch.bfloat16, shares: dict | None = None, row_inflation: float = 16.0,
-                 ns_kind: str = "polar_express", cap_dtype: torch.dtype = torch.float32):
+                 ns_kind: str = "polar_express", cap_dtype: torch.dtype = torch.float32, scale_rule: str = "rms"):
         defaults = dict(lr=0.0, w_max=w_max, constraint=constraint, momentum=momentum)
         super().__init__(params_groups, defaults)
         self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
         self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
         self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
-        self.ns_kind, self.cap_dtype = ns_kind, cap_dtype
+        self.ns_kind, self.cap_dtype, self.scale_rule = ns_kind, cap_dtype, scale_rule
         self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
 
     def _stacks(self, group):
@@ -890,7 +920,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if group.get("rows"):
                 upd, step = normalize_rows(m, self.row_inflation), lr
             else:
-                upd, step = msign(m, self.ns_steps, self.ns_dtype, self.ns_kind), lr * rms_scale(W)
+                upd, step = msign(m, self.ns_steps, self.ns_dtype, self.ns_kind), lr * muon_step_scale(W, self.scale_rule)
             if torch.is_tensor(step):
                 W.sub_(upd * step)
             else:
@@ -1258,10 +1288,13 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.d_model))
+        self.register_rope(cfg)
+        self.reset_parameters()
+
+    def register_rope(self, cfg: Config) -> None:
         cos, sin = rope_tables(max(cfg.seq_len, val_len(cfg)), cfg.d_model // cfg.n_head, variant=cfg.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -1287,6 +1320,10 @@ class GPT(nn.Module):
 
     def hidden_matrices(self):
         return [p for b in self.blocks for p in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+
+    def extra_adam_params(self, cfg: Config) -> list:
+        """(parameter, lr) pairs Adam steps besides the embedding and the head: none here."""
+        return []
 
     def logits_from_embeddings(self, x, cos, sin, acts=None, masks=None):
         """Blocks and head on embedding outputs x (B, T, d): the map the certificate bounds (causal
@@ -1322,6 +1359,15 @@ class GPT(nn.Module):
         built = {w: build(docs, w) for w in set(windows)}
         return [built[w] for w in windows]
 
+    def masks_for(self, idx, step: int | None, masks):
+        """masks, or (None given) those of attention_masks at `step` (default num_steps), after checking
+        that idx (B, T) fits the RoPE tables."""
+        T = idx.size(1)
+        if T > self.rope_cos.size(0):
+            limit = "seq_len" if self.rope_cos.size(0) == self.cfg.seq_len else "val_seq_len"
+            raise ValueError(f"sequence of {T} tokens is longer than {limit}={self.rope_cos.size(0)} (the RoPE tables)")
+        return self.attention_masks(idx, self.cfg.num_steps if step is None else step) if masks is None else masks
+
     def embed_tokens(self, idx):
         """Embedding rows of idx; embed_cap=lookup renormalizes each looked-up row to RMS <= emb_w_max in
         place first (nn.Embedding's max_norm, an L2 norm of emb_w_max sqrt(d_model), as the 145M scripts)."""
@@ -1332,12 +1378,7 @@ class GPT(nn.Module):
     def features(self, idx, acts=None, step: int | None = None, masks=None):
         """The last block's output for idx (B, T), attention masked as at `step` (default: num_steps)
         or by `masks` (from attention_masks: the training loop builds them outside the compiled model)."""
-        T = idx.size(1)
-        if T > self.rope_cos.size(0):
-            limit = "seq_len" if self.rope_cos.size(0) == self.cfg.seq_len else "val_seq_len"
-            raise ValueError(f"sequence of {T} tokens is longer than {limit}={self.rope_cos.size(0)} (the RoPE tables)")
-        if masks is None:
-            masks = self.attention_masks(idx, self.cfg.num_steps if step is None else step)
+        masks = self.masks_for(idx, step, masks)
         x = _dropout(self.embed_tokens(idx), self.cfg.dropout if self.training else 0.0)
         if acts is not None:
             acts.append(x.detach())
@@ -1348,6 +1389,187 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# -----------------------------------------------------------------------------
+# arch = "speedrun": the modded-nanogpt record of 2025-02-01 (KellerJordan/modded-nanogpt,
+# records/track_1_short/2025-02-01_RuleTweak; 1770 steps, val loss 3.2788 on 8 x H100), the paper's
+# "Baseline (speedrun)" row. SpeedrunGPT has GPT's interface (features, logits, attention_masks,
+# forward) on the record's model, built from the pieces below; the record's attention masks, RoPE,
+# loader, Newton-Schulz map, Muon step scale and learning rates are configuration
+# (configs/paper/speedrun_baseline.toml). Constants are the record's.
+
+SPEEDRUN_ATTN_SCALE = 0.12       # softmax(0.12 q.k) on QK-normed heads, instead of 1/sqrt(head_dim)
+SPEEDRUN_VALUE_EMBEDS = 3        # value embeddings 0, 1, 2 feed layers 0, 1, 2 and again the last three
+SPEEDRUN_NO_ATTN_LAYER = 7       # the record's 8th layer is MLP only
+SPEEDRUN_INIT_STD = 0.5          # q, k, v and W_in: uniform entries of std 0.5 / sqrt(d_in)
+SPEEDRUN_X0_MIX = (1.0, 0.0)     # initial (a, b) of each block's x <- a x + b x0
+SPEEDRUN_V_MIX = (0.5, 0.5)      # initial (a, b) of v <- a v + b ve (v <- a v where a layer has no ve)
+SPEEDRUN_FP8_SCALES = (2.0, 2.0**9, 2.0**19)  # FP8 head: scales of x, W (e4m3) and the output gradient (e5m2)
+
+
+def relu2(x):
+    return F.relu(x).square()
+
+
+def value_embedding_layers(n_layer: int) -> list:
+    """Which value embedding each layer mixes into v, or None: 0, 1, 2, None, ..., None, 0, 1, 2."""
+    k = SPEEDRUN_VALUE_EMBEDS
+    return list(range(k)) + [None] * (n_layer - 2 * k) + list(range(k))
+
+
+class FP8Linear(torch.autograd.Function):
+    """x W^T (x: (N, d_in), W: (d_out, d_in)) through float8 matmuls (torch._scaled_mm, CUDA with FP8):
+    x s_x and W s_w rounded to e4m3, the output gradient g s_g to e5m2, each product unscaled after;
+    output and input gradient bf16, weight gradient fp32 (the record's FP8 head)."""
+
+    @staticmethod
+    def forward(ctx, x, w, s_x: float, s_w: float, s_g: float):
+        xf = (x.to(torch.bfloat16) * s_x).to(torch.float8_e4m3fn)
+        wf = (w * s_w).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(xf, wf)
+        ctx.scales = s_x, s_w, s_g
+        return torch._scaled_mm(xf, wf.t(), scale_a=_inv(s_x, x), scale_b=_inv(s_w, x),
+                                out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        xf, wf = ctx.saved_tensors
+        s_x, s_w, s_g = ctx.scales
+        gf = (g.contiguous() * s_g).to(torch.float8_e5m2)
+        # _scaled_mm wants its first operand row-major and its second column-major
+        gx = torch._scaled_mm(gf, wf.t().contiguous().t(), scale_a=_inv(s_g, g), scale_b=_inv(s_w, g),
+                              out_dtype=torch.bfloat16)
+        gw = torch._scaled_mm(xf.t().contiguous(), gf.t().contiguous().t(), scale_a=_inv(s_x, g),
+                              scale_b=_inv(s_g, g), out_dtype=torch.float32).t()
+        return gx, gw, None, None, None
+
+
+def _inv(s: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(1.0 / s, dtype=torch.float32, device=like.device)
+
+
+class SpeedrunAttention(nn.Module):
+    """QK-normed, RoPE'd attention at scale SPEEDRUN_ATTN_SCALE whose values mix in a value embedding."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Parameter(torch.empty(3, cfg.d_model, cfg.d_model))  # W_q, W_k, W_v: (d_out, d_in)
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_model))
+        self.lambdas = nn.Parameter(torch.tensor(SPEEDRUN_V_MIX))
+
+    def forward(self, x, ve, cos, sin, mask=None):
+        B, T, C = x.shape
+        q, k, v = F.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), SPEEDRUN_ATTN_SCALE, mask)
+        return F.linear(y.transpose(1, 2).reshape(B, T, C), self.proj)
+
+
+class SpeedrunMLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Parameter(torch.empty(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
+        self.proj = nn.Parameter(torch.zeros(cfg.d_model, cfg.mlp_ratio * cfg.d_model))
+
+    def forward(self, x):
+        return F.linear(relu2(F.linear(x, self.fc)), self.proj)
+
+
+class SpeedrunBlock(nn.Module):
+    """x <- a x + b x0, then pre-norm attention (if the layer has it) and MLP residuals."""
+
+    def __init__(self, cfg: Config, attention: bool):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.tensor(SPEEDRUN_X0_MIX))
+        self.attn = SpeedrunAttention(cfg) if attention else None
+        self.mlp = SpeedrunMLP(cfg)
+
+    def forward(self, x, x0, ve, cos, sin, mask=None, acts=None):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        branches = ([lambda h: self.attn(h, ve, cos, sin, mask)] if self.attn is not None else []) + [self.mlp]
+        for f in branches:
+            x = x + f(rms_norm(x))
+            if acts is not None:
+                acts.append(x.detach())
+        return x
+
+
+class SpeedrunGPT(GPT):
+    """The record's GPT: x0 = norm(embedding); blocks in a U-net (the first half's outputs are added,
+    weighted by skip_weights, to the inputs of the second half in reverse order); value embeddings
+    (value_embedding_layers); final norm; head (FP8Linear in CUDA training forwards when fp8_head);
+    logits 2c sigmoid(2z / c), c = logit_softcap (30 sigmoid(z / 7.5) at c = 15)."""
+
+    def __init__(self, cfg: Config):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(SPEEDRUN_VALUE_EMBEDS))
+        self.blocks = nn.ModuleList(SpeedrunBlock(cfg, attention=i != SPEEDRUN_NO_ATTN_LAYER) for i in range(cfg.n_layer))
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.d_model))
+        self.register_rope(cfg)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The record's init: embeddings N(0, 1); q, k, v, W_in uniform of std SPEEDRUN_INIT_STD / sqrt(d_in);
+        output projections and head zero; mixing weights SPEEDRUN_X0_MIX, SPEEDRUN_V_MIX; skip weights 1."""
+        for e in [self.embed, *self.value_embeds]:
+            nn.init.normal_(e.weight)
+        for b in self.blocks:
+            for W in ([*b.attn.qkv] if b.attn is not None else []) + [b.mlp.fc]:
+                bound = math.sqrt(3.0) * SPEEDRUN_INIT_STD / math.sqrt(W.size(-1))
+                W.uniform_(-bound, bound)
+            if b.attn is not None:
+                b.attn.proj.zero_()
+                b.attn.lambdas.copy_(torch.tensor(SPEEDRUN_V_MIX))
+            b.mlp.proj.zero_()
+            b.lambdas.copy_(torch.tensor(SPEEDRUN_X0_MIX))
+        self.skip_weights.fill_(1.0)
+        self.head.zero_()
+
+    def hidden_matrices(self):
+        return [p for b in self.blocks for p in ((b.attn.qkv, b.attn.proj) if b.attn is not None else ()) + (b.mlp.fc, b.mlp.proj)]
+
+    def extra_adam_params(self, cfg: Config) -> list:
+        """(parameter, lr) Adam steps besides the embedding and head: value embeddings at lr_embed and
+        every scalar (mixing and skip weights) at lr_scalar, the record's groups."""
+        return [(e.weight, cfg.lr_embed) for e in self.value_embeds] + [(p, cfg.lr_scalar) for p in self.parameters() if p.ndim < 2]
+
+    def features(self, idx, acts=None, step: int | None = None, masks=None):
+        masks = self.masks_for(idx, step, masks)
+        x = x0 = rms_norm(self.embed(idx))
+        if acts is not None:
+            acts.append(x.detach())
+        ve = [e(idx) for e in self.value_embeds]
+        ves = [None if j is None else ve[j] for j in value_embedding_layers(len(self.blocks))]
+        half, skips = len(self.skip_weights), []
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x = block(x, x0, ves[i], self.rope_cos, self.rope_sin, None if masks is None else masks[i], acts)
+            if i < half:
+                skips.append(x)
+        return x
+
+    def logits(self, x):
+        x = rms_norm(x)
+        if self.training and self.cfg.fp8_head and x.is_cuda:
+            shape = x.shape[:-1]
+            z = FP8Linear.apply(x.reshape(-1, x.size(-1)), self.head, *SPEEDRUN_FP8_SCALES).view(*shape, -1)
+        else:
+            z = F.linear(x, self.head)
+        c = self.cfg.logit_softcap
+        return 2 * c * torch.sigmoid(z.float() / (c / 2))
+
+
+def make_model(cfg: Config) -> GPT:
+    """The model of cfg.arch: SpeedrunGPT for speedrun, else GPT."""
+    return SpeedrunGPT(cfg) if cfg.arch == "speedrun" else GPT(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -1626,7 +1848,7 @@ def model_from_checkpoint(path: str, map_location="cpu") -> tuple[GPT, Config, d
     """Rebuild the model of a checkpoint from its saved config; needs nothing else."""
     ck = load_checkpoint(path, map_location)
     cfg = config_from_checkpoint(ck, path)
-    model = GPT(cfg)
+    model = make_model(cfg)
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
@@ -1723,12 +1945,14 @@ def build_optimizers(model: GPT, cfg: Config):
         else:  # Adam: a share, if any, scales the group's lr
             lr = lr * float(shares.get(p, 1.0))
             adam_params.append(dict(params=[p], lr=lr, base_lr=lr))
+    adam_params += [dict(params=[p], lr=lr, base_lr=lr) for p, lr in model.extra_adam_params(cfg)]
     mat = MatrixOptimizer(groups, kind=cfg.optimizer, constraint=cfg.constraint, w_max=cfg.w_max, wd=cfg.wd,
                           momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, nesterov=cfg.nesterov,
                           coupling=cfg.soft_cap_coupling, ns_dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16,
                           shares=shares, row_inflation=cfg.embed_max_inflation, ns_kind=cfg.ns_coeffs,
-                          cap_dtype=torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32)
+                          cap_dtype=torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32,
+                          scale_rule=cfg.muon_scale)
     adam = None
     if adam_params:
         adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -1739,8 +1963,8 @@ def build_optimizers(model: GPT, cfg: Config):
 @torch.no_grad()
 def project_rowwise(model: GPT, cfg: Config) -> None:
     """Embedding rows (when Adam steps them; MatrixOptimizer projects them under embed_update=rownorm)
-    and a non-spectral head's rows. Lipschitz archs only: the baseline has no constraints."""
-    if cfg.arch == "baseline":
+    and a non-spectral head's rows. Lipschitz archs only: baseline and speedrun have no constraints."""
+    if cfg.arch in UNCONSTRAINED_ARCHS:
         return
     if cfg.embed_update == "adam" and cfg.embed_cap == "project":
         model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
@@ -1791,12 +2015,14 @@ def named_matrices(params: dict):
 
 
 def matrix_norms(model: GPT) -> dict[str, float]:
-    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues); the
-    embedding's largest row RMS."""
+    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues); each
+    embedding's (speedrun: and value embedding's) largest row RMS. Scalars (speedrun) are left out."""
     out = {}
     for key, W in named_matrices(dict(model.named_parameters())):
-        if key == "embed.weight":
-            out["embed.max_row_rms"] = float(W.detach().double().pow(2).mean(-1).sqrt().max())
+        if key == "embed.weight" or key.startswith("value_embeds."):
+            out[key.removesuffix(".weight") + ".max_row_rms"] = float(W.detach().double().pow(2).mean(-1).sqrt().max())
+        elif W.ndim < 2:
+            continue
         else:
             out[key] = float(spectral_norm_exact(W)) / rms_scale(W)
     return out
@@ -2099,7 +2325,7 @@ class Run:
             self.val = load_val_tokens(cfg.val_bin, cfg.val_tokens, val_len(cfg), cfg.vocab_size)
             self.val_slice = load_val_slice(cfg) if cfg.val_slice_windows else None
             torch.manual_seed(cfg.seed)
-            self.model = GPT(cfg).to(device)
+            self.model = make_model(cfg).to(device)
             if cfg.init_weights and ck is None:  # a resume restores its own weights
                 load_init_weights(self.model, cfg.init_weights)
             self.mat_opt, self.adam = build_optimizers(self.model, cfg)
