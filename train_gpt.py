@@ -769,16 +769,16 @@ def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: flo
 
 
 def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
-    """Each row with RMS above cap scaled to RMS cap (1 - eps of W's dtype); every other row is
+    """Each row with RMS above cap scaled to RMS cap (1 - 2 eps of W's dtype); every other row is
     returned bitwise unchanged: embedding rows (and a non-spectral head).
 
-    Idempotent in floating point: the RMS is taken in float64 and a scaled row lands a rounding
-    margin below the cap (one rounding of W's dtype moves each entry by <= eps / 2), so projecting
-    again finds it within the cap and leaves it alone; rows no token touched never move."""
-    rms = W.double().pow(2).mean(dim=-1, keepdim=True).sqrt()
-    over = rms > cap
-    scaled = (W.double() * (cap * (1 - torch.finfo(W.dtype).eps) / rms)).to(W.dtype)
-    return torch.where(over, scaled, W)
+    Idempotent in floating point: the RMS is accumulated in float64 (error ~1e-16), and a scaled row's
+    true RMS is at most cap (1 - 2 eps)(1 + eps / 2)^2 < cap (the factor and the product each round
+    once in W's dtype), so projecting again finds it within the cap and leaves it alone; rows no token
+    touched never move."""
+    rms = torch.linalg.vector_norm(W, dim=-1, keepdim=True, dtype=torch.float64) / math.sqrt(W.size(-1))
+    factor = (cap * (1 - 2 * torch.finfo(W.dtype).eps) / rms).to(W.dtype)
+    return torch.where(rms > cap, W * factor, W)
 
 
 def normalize_rows(G: torch.Tensor, max_inflation: float) -> torch.Tensor:
