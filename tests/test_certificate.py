@@ -260,18 +260,19 @@ GRID = [  # (kind, w_max, n_layer, n_head, softmax_scale, arch, log10 tight boun
     ("identity", 0.5, 2, 8, 24.0, "lipschitz", 1.558702, 0.284282),
     ("identity", 2.0, 1, 4, 2.0, "lipschitz", 1.249198, 0.708034),
     ("identity", 16.0, 1, 2, 0.5, "lipschitz", 2.881749, 2.220064),
-    ("trained", 1.0, 1, 2, 24.0, "lipschitz", 0.987035, 0.107633),
-    ("trained", 2.0, 2, 8, 4.0, "lipschitz", 2.579193, 0.027346),
-    ("trained", 8.0, 4, 1, 1.0, "lipschitz", 0.498428, -0.370456),
-    ("trained", 4.0, 3, 4, 16.0, "lipschitz", 4.049901, 0.013048),
+    ("trained", 1.0, 1, 2, 24.0, "lipschitz", 0.987056, 0.103826),
+    ("trained", 2.0, 2, 8, 4.0, "lipschitz", 2.578446, 0.026190),
+    ("trained", 8.0, 4, 1, 1.0, "lipschitz", 0.498435, -0.370455),
+    ("trained", 4.0, 3, 4, 16.0, "lipschitz", 4.049574, -0.064579),
     ("random", 0.5, 3, 8, 8.0, "plain_residual", 2.735471, 0.061501),
     ("random", 2.0, 2, 4, 16.0, "plain_residual", 9.000252, 2.739622),
     ("identity", 1.0, 1, 2, 4.0, "plain_residual", 1.566183, 1.010112),
-    ("trained", 1.0, 2, 2, 16.0, "plain_residual", 4.831777, 1.443071),
-    ("trained", 4.0, 1, 8, 8.0, "plain_residual", 2.798881, 1.354127),
+    ("trained", 1.0, 2, 2, 16.0, "plain_residual", 4.829786, 1.486358),
+    ("trained", 4.0, 1, 8, 8.0, "plain_residual", 2.795271, 1.317790),
 ]
 BOUND_PIN = 1e-4  # log10, random and identity models: a change to any step of the bound moves it more
-TRAINED_BOUND_PIN = 1e-3  # log10, trained models: their weights also carry the training's fp32 rounding
+TRAINED_BOUND_PIN = 0.02  # log10, trained models: their weights carry the training's fp32 rounding (a 1-ulp
+# change of project_rows moved two trained rows by 3.6e-3 decades); halving the bound moves it 0.3
 # The searches are chaotic in their inputs: a one-ulp change of the embedding rows at init moved the
 # best search of ("random", 16, 4, 8) from 10^7.42 to 10^8.34 and of ("identity", 16, 1, 2) from 10^2.37
 # to 10^2.22. So the search is pinned from below only, LOWER_SLACK under its measured value: a search
