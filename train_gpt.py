@@ -98,112 +98,109 @@ def attn_scale(cfg) -> float:
 # -----------------------------------------------------------------------------
 # Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults
 
-CONSTRAINTS_DOC = "none|weight_decay|spectral_wd|spectral_normalize|spectral_hammer|soft_cap|hard_cap|hard_cap_poly|stiefel|svd_clip"
+CHECKS = {"positive": ("> 0", lambda v: v > 0 and math.isfinite(v)),
+          "nonneg": (">= 0 and finite", lambda v: v >= 0 and math.isfinite(v)),
+          "unit": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0)}
+
+
+def setting(default, help: str, choices=(), check: str = "", fixed: bool = False):
+    """A Config field: default, --help text, allowed values (a tuple, or a function that returns them when
+    the table they come from is defined further down), range check (a key of CHECKS), and fixed: a resume
+    may not change it (it shapes the model, its optimizer state or its data stream)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "fixed": fixed})
+
+
+def choices_of(f) -> tuple:
+    c = f.metadata["choices"]
+    return tuple(c()) if callable(c) else c
 
 
 @dataclass
 class Config:
+    """Every setting of a run. Made valid or not at all: construction (Config(...), dataclasses.replace,
+    parse_config, config_from_dict) runs validate_config; change a field by dataclasses.replace."""
     # model
-    arch: str = field(default="lipschitz", metadata={"help": "lipschitz (the paper's); plain_residual (the same with residuals x + f(x) and attention output W_o y, no 1/3: the forward pass of the reference code's Shakespeare sweeps, where Modula's Mul multiplied by 1); baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals); or speedrun (the modded-nanogpt record of 2025-02-01, the paper's 'Baseline (speedrun)': value embeddings, U-net skips, x0 mixing, ReLU^2, attention scale 0.12, no attention in layer 7, FP8 head on CUDA; see SpeedrunGPT; needs n_layer even and >= 8)"})
-    vocab_size: int = field(default=50304, metadata={"help": "vocabulary size (GPT-2's 50257 padded to 50304); must exceed every token id"})
-    n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
-    n_head: int = field(default=6, metadata={"help": "attention heads"})
-    d_model: int = field(default=768, metadata={"help": "residual width"})
-    mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width = mlp_ratio * d_model"})
-    seq_len: int = field(default=1024, metadata={"help": "context length (RoPE tables are built for it)"})
-    softmax_scale: float = field(default=24.0, metadata={"help": "s in softmax(s q k^T / d_head): the published 145M scripts use 24 at w_max 1"})
-    final_scale: float = field(default=1.0, metadata={"help": "logits are multiplied by this"})
-    emb_w_max: float = field(default=1.0, metadata={"help": "cap on each embedding row's RMS norm"})
-    head_w_max: float = field(default=1.0, metadata={"help": "cap on the head's RMS->RMS norm"})
-    head_spectral: bool = field(default=True, metadata={"help": "true: the head is a Muon matrix under the chosen constraint; false: Adam with rows projected to RMS <= head_w_max"})
-    rope: str = field(default="full", metadata={"help": "RoPE variant: full (head_dim/2 frequencies, base 10000) or half_truncated (the 145M reference scripts': head_dim/4 frequencies (1/1024)^linspace(0, 1) and head_dim/4 zeros, so half of each head is not rotated)"})
-    doc_token: int = field(default=-1, metadata={"help": "token id that begins a document: attention never crosses into an earlier document (-1: off; the 145M reference scripts: 50256, GPT-2's <|endoftext|>)"})
-    window_schedule: str = field(default="none", metadata={"help": "attention window over the steps: none, or reference (the 145M scripts': in blocks of 128 tokens, the smallest multiple of 128 >= 1728 x step / num_steps, at least 128, so 128 -> 1792; a query sees keys in its own and the previous window/128 - 1 blocks)"})
-    layer_pattern: str = field(default="", metadata={"help": "one letter per layer, L (long: the full window) or S (short: half the window's blocks); empty: all L. The 145M reference at 12 layers: LSSSLSSLSSSL"})
-    logit_softcap: float = field(default=15.0, metadata={"help": "baseline: logits = c tanh(logits / c); speedrun: 2c sigmoid(2 logits / c) (the record's 30 sigmoid(z / 7.5) at c = 15: the same map plus c, so the same loss)"})
-    fp8_head: bool = field(default=True, metadata={"help": "arch=speedrun: training forwards on CUDA run the head as the record's FP8 matmul (x x 2 and W x 2^9 in e4m3, gradients x 2^19 in e5m2, bf16 out); eval, and every forward on CPU, use the plain head (bf16 under dtype=bf16)"})
-    dropout: float = field(default=0.0, metadata={"help": "baseline arch only: dropout on embeddings, attention weights and sub-block outputs while training (nanoGPT's char model: 0.2)"})
+    arch: str = setting("lipschitz", "lipschitz (the paper's); plain_residual (the same with residuals x + f(x) and attention output W_o y, no 1/3: the forward pass of the reference code's Shakespeare sweeps, where Modula's Mul multiplied by 1); baseline (RMSNorm pre-norm, QK-norm, tanh logit softcap, 1/sqrt(d) attention, plain residuals); or speedrun (the modded-nanogpt record of 2025-02-01, the paper's 'Baseline (speedrun)': value embeddings, U-net skips, x0 mixing, ReLU^2, attention scale 0.12, no attention in layer 7, FP8 head on CUDA; see SpeedrunGPT; needs n_layer even and >= 8)", choices=("lipschitz", "plain_residual", "baseline", "speedrun"), fixed=True)
+    vocab_size: int = setting(50304, "vocabulary size (GPT-2's 50257 padded to 50304); must exceed every token id", check="positive", fixed=True)
+    n_layer: int = setting(12, "number of transformer blocks", check="positive", fixed=True)
+    n_head: int = setting(6, "attention heads", check="positive", fixed=True)
+    d_model: int = setting(768, "residual width", check="positive", fixed=True)
+    mlp_ratio: int = setting(4, "MLP hidden width = mlp_ratio * d_model", check="positive", fixed=True)
+    seq_len: int = setting(1024, "context length (RoPE tables are built for it)", check="positive", fixed=True)
+    softmax_scale: float = setting(24.0, "s in softmax(s q k^T / d_head): the published 145M scripts use 24 at w_max 1", check="positive")
+    final_scale: float = setting(1.0, "logits are multiplied by this", check="positive")
+    emb_w_max: float = setting(1.0, "cap on each embedding row's RMS norm", check="positive")
+    head_w_max: float = setting(1.0, "cap on the head's RMS->RMS norm", check="positive")
+    head_spectral: bool = setting(True, "true: the head is a Muon matrix under the chosen constraint; false: Adam with rows projected to RMS <= head_w_max", fixed=True)
+    rope: str = setting("full", "RoPE variant: full (head_dim/2 frequencies, base 10000) or half_truncated (the 145M reference scripts': head_dim/4 frequencies (1/1024)^linspace(0, 1) and head_dim/4 zeros, so half of each head is not rotated)", choices=("full", "half_truncated"), fixed=True)
+    doc_token: int = setting(-1, "token id that begins a document: attention never crosses into an earlier document (-1: off; the 145M reference scripts: 50256, GPT-2's <|endoftext|>)", fixed=True)
+    window_schedule: str = setting("none", "attention window over the steps: none, or reference (the 145M scripts': in blocks of 128 tokens, the smallest multiple of 128 >= 1728 x step / num_steps, at least 128, so 128 -> 1792; a query sees keys in its own and the previous window/128 - 1 blocks)", choices=("none", "reference"), fixed=True)
+    layer_pattern: str = setting("", "one letter per layer, L (long: the full window) or S (short: half the window's blocks); empty: all L. The 145M reference at 12 layers: LSSSLSSLSSSL", fixed=True)
+    logit_softcap: float = setting(15.0, "baseline: logits = c tanh(logits / c); speedrun: 2c sigmoid(2 logits / c) (the record's 30 sigmoid(z / 7.5) at c = 15: the same map plus c, so the same loss)", check="positive")
+    fp8_head: bool = setting(True, "arch=speedrun: training forwards on CUDA run the head as the record's FP8 matmul (x x 2 and W x 2^9 in e4m3, gradients x 2^19 in e5m2, bf16 out); eval, and every forward on CPU, use the plain head (bf16 under dtype=bf16)")
+    dropout: float = setting(0.0, "baseline arch only: dropout on embeddings, attention weights and sub-block outputs while training (nanoGPT's char model: 0.2)")
     # optimization
-    optimizer: str = field(default="muon", metadata={"help": "muon or adamw, for the hidden matrices and the head"})
-    constraint: str = field(default="soft_cap", metadata={"help": f"projection after every step: {CONSTRAINTS_DOC}"})
-    w_max: float = field(default=1.0, metadata={"help": "cap on every hidden matrix's RMS->RMS norm (sigma_max)"})
-    wd: float = field(default=0.0, metadata={"help": "strength of weight_decay (lr-coupled) and spectral_wd"})
-    power_iters: int = field(default=4, metadata={"help": "warm-started power iterations per step for sigma_1 (32 on the first step)"})
-    qk_clip_tau: float = field(default=0.0, metadata={"help": "QK-Clip threshold on the per-head max attention logit; 0 = off"})
-    soft_cap_coupling: str = field(default="exact", metadata={"help": "soft_cap strength: exact (Theorem 3.1 for this step's worst-case update norm, lr x the Newton-Schulz stretch x 1.02), reference (the Shakespeare reference code's: lr / sqrt(d_out/d_in), no stretch; sigma_max may then exceed w_max) or nanogpt (the 145M scripts': lr x the stretch of their coefficients, 1.14502, x 1.05; other constraints ignore it, so a FineWeb config can switch --constraint)"})
-    num_steps: int = field(default=1770, metadata={"help": "optimizer steps"})
-    batch_tokens: int = field(default=393216, metadata={"help": "global batch in tokens per step (all ranks, all micro-steps)"})
-    micro_batch_tokens: int = field(default=49152, metadata={"help": "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)"})
-    lr_hidden: float = field(default=0.05, metadata={"help": "learning rate (RMS->RMS update norm for Muon) of hidden matrices"})
-    lr_head: float = field(default=0.005, metadata={"help": "learning rate of the head"})
-    lr_embed: float = field(default=0.1, metadata={"help": "learning rate of the embedding (Adam, or the RMS of each row's update with embed_update=rownorm); arch=speedrun: also its value embeddings"})
-    lr_scalar: float = field(default=0.04, metadata={"help": "arch=speedrun: Adam learning rate of its scalars (x0 and value mixing weights, U-net skip weights; the record's 0.04)"})
-    muon_scale: str = field(default="rms", metadata={"help": "Muon step of a (d_out, d_in) matrix: rms (lr x sqrt(d_out/d_in) x the orthogonalized update: its RMS->RMS norm is lr) or speedrun (lr x max(1, d_out/d_in)^0.5, the record's)"})
-    lr_alloc: str = field(default="uniform", metadata={"help": "uniform: each matrix steps at its group's lr; modula: each lr is multiplied by the matrix's share of the update under Modula's masses and sensitivities (blocks_mass; see modula_shares), as the reference code does"})
-    blocks_mass: float = field(default=16.0, metadata={"help": "lr_alloc=modula: mass of all blocks together (embedding and head have mass 1)"})
-    embed_update: str = field(default="adam", metadata={"help": "adam, or rownorm (the reference code's dualized embedding update: Muon's momentum of the gradient, each row scaled to RMS 1, rows below RMS 1/embed_max_inflation inflated at most embed_max_inflation times)"})
-    embed_max_inflation: float = field(default=16.0, metadata={"help": "embed_update=rownorm: largest factor by which a row of the momentum is scaled up"})
-    adam_beta1: float = field(default=0.8, metadata={"help": "Adam beta1 (embedding; AdamW matrices)"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
-    adam_eps: float = field(default=1e-10, metadata={"help": "Adam epsilon"})
-    momentum: float = field(default=0.95, metadata={"help": "Muon momentum after warm-up"})
-    nesterov: bool = field(default=True, metadata={"help": "Muon orthogonalizes the Nesterov look-ahead (true) or the momentum buffer itself, an EMA of the gradients (false, the reference code's)"})
-    momentum_warmup_start: float = field(default=0.85, metadata={"help": "Muon momentum at step 0"})
-    momentum_warmup_steps: int = field(default=300, metadata={"help": "steps of linear momentum warm-up"})
-    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)"})
-    ns_coeffs: str = field(default="polar_express", metadata={"help": "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin), reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5) or speedrun (the record's one quintic (3.4445, -4.7750, 2.0315) ns_steps times, after the same division)"})
-    hidden_init: str = field(default="orthogonal", metadata={"help": "init of W_q, W_k, W_v and W_in: orthogonal (exact, RMS->RMS norm min(1, w_max)) or ns_uniform (the 145M scripts': uniform entries through their 5-step Newton-Schulz, RMS->RMS norm up to ~1.15 at step 0; times min(1, w_max))"})
-    embed_cap: str = field(default="project", metadata={"help": "how rows are held to RMS <= emb_w_max: project (every row, at init and after each step) or lookup (the 145M scripts' nn.Embedding(max_norm=emb_w_max sqrt(d_model)): a row is renormalized in place when a forward pass (training or eval) looks it up)"})
-    soft_cap_dtype: str = field(default="fp32", metadata={"help": "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it"})
-    cooldown_frac: float = field(default=0.4, metadata={"help": "fraction of steps, at the end, of linear lr decay"})
-    final_lr_frac: float = field(default=0.1, metadata={"help": "lr multiplier reached at the last step"})
-    seed: int = field(default=0, metadata={"help": "seed of init and data order"})
+    optimizer: str = setting("muon", "muon or adamw, for the hidden matrices and the head", choices=("muon", "adamw"), fixed=True)
+    constraint: str = setting("soft_cap", "projection after every step, a name of the CONSTRAINTS table", choices=lambda: tuple(CONSTRAINTS), fixed=True)
+    w_max: float = setting(1.0, "cap on every hidden matrix's RMS->RMS norm (sigma_max)", check="positive")
+    wd: float = setting(0.0, "strength of weight_decay (lr-coupled) and spectral_wd", check="nonneg")
+    power_iters: int = setting(4, "warm-started power iterations per step for sigma_1 (32 on the first step)", check="nonneg")
+    qk_clip_tau: float = setting(0.0, "QK-Clip threshold on the per-head max attention logit; 0 = off", check="nonneg")
+    soft_cap_coupling: str = setting("exact", "soft_cap strength: exact (Theorem 3.1 for this step's worst-case update norm, lr x the Newton-Schulz stretch x 1.02), reference (the Shakespeare reference code's: lr / sqrt(d_out/d_in), no stretch; sigma_max may then exceed w_max) or nanogpt (the 145M scripts': lr x the stretch of their coefficients, 1.14502, x 1.05; other constraints ignore it, so a FineWeb config can switch --constraint)", choices=("exact", "reference", "nanogpt"))
+    num_steps: int = setting(1770, "optimizer steps", check="positive")
+    batch_tokens: int = setting(393216, "global batch in tokens per step (all ranks, all micro-steps)", check="positive")
+    micro_batch_tokens: int = setting(49152, "tokens per forward pass per rank; accumulation = batch_tokens / (world * micro_batch_tokens)", check="positive")
+    lr_hidden: float = setting(0.05, "learning rate (RMS->RMS update norm for Muon) of hidden matrices", check="positive")
+    lr_head: float = setting(0.005, "learning rate of the head", check="positive")
+    lr_embed: float = setting(0.1, "learning rate of the embedding (Adam, or the RMS of each row's update with embed_update=rownorm); arch=speedrun: also its value embeddings", check="positive")
+    lr_scalar: float = setting(0.04, "arch=speedrun: Adam learning rate of its scalars (x0 and value mixing weights, U-net skip weights; the record's 0.04)", check="positive")
+    muon_scale: str = setting("rms", "Muon step of a (d_out, d_in) matrix: rms (lr x sqrt(d_out/d_in) x the orthogonalized update: its RMS->RMS norm is lr) or speedrun (lr x max(1, d_out/d_in)^0.5, the record's)", choices=("rms", "speedrun"))
+    lr_alloc: str = setting("uniform", "uniform: each matrix steps at its group's lr; modula: each lr is multiplied by the matrix's share of the update under Modula's masses and sensitivities (blocks_mass; see modula_shares), as the reference code does", choices=("uniform", "modula"))
+    blocks_mass: float = setting(16.0, "lr_alloc=modula: mass of all blocks together (embedding and head have mass 1)", check="positive")
+    embed_update: str = setting("adam", "adam, or rownorm (the reference code's dualized embedding update: Muon's momentum of the gradient, each row scaled to RMS 1, rows below RMS 1/embed_max_inflation inflated at most embed_max_inflation times)", choices=("adam", "rownorm"), fixed=True)
+    embed_max_inflation: float = setting(16.0, "embed_update=rownorm: largest factor by which a row of the momentum is scaled up")
+    adam_beta1: float = setting(0.8, "Adam beta1 (embedding; AdamW matrices)", check="unit")
+    adam_beta2: float = setting(0.95, "Adam beta2", check="unit")
+    adam_eps: float = setting(1e-10, "Adam epsilon", check="positive")
+    momentum: float = setting(0.95, "Muon momentum after warm-up", check="unit")
+    nesterov: bool = setting(True, "Muon orthogonalizes the Nesterov look-ahead (true) or the momentum buffer itself, an EMA of the gradients (false, the reference code's)")
+    momentum_warmup_start: float = setting(0.85, "Muon momentum at step 0", check="unit")
+    momentum_warmup_steps: int = setting(300, "steps of linear momentum warm-up", check="nonneg")
+    ns_steps: int = setting(5, "Newton-Schulz steps for Muon's orthogonalization (run in bf16, or fp32 with dtype=fp32)", check="positive")
+    ns_coeffs: str = setting("polar_express", "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin), reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5) or speedrun (the record's one quintic (3.4445, -4.7750, 2.0315) ns_steps times, after the same division)", choices=("polar_express", "reference", "speedrun"))
+    hidden_init: str = setting("orthogonal", "init of W_q, W_k, W_v and W_in: orthogonal (exact, RMS->RMS norm min(1, w_max)) or ns_uniform (the 145M scripts': uniform entries through their 5-step Newton-Schulz, RMS->RMS norm up to ~1.15 at step 0; times min(1, w_max))", choices=("orthogonal", "ns_uniform"))
+    embed_cap: str = setting("project", "how rows are held to RMS <= emb_w_max: project (every row, at init and after each step) or lookup (the 145M scripts' nn.Embedding(max_norm=emb_w_max sqrt(d_model)): a row is renormalized in place when a forward pass (training or eval) looks it up)", choices=("project", "lookup"), fixed=True)
+    soft_cap_dtype: str = setting("fp32", "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it", choices=("fp32", "bf16"))
+    cooldown_frac: float = setting(0.4, "fraction of steps, at the end, of linear lr decay", check="unit")
+    final_lr_frac: float = setting(0.1, "lr multiplier reached at the last step", check="unit")
+    seed: int = setting(0, "seed of init and data order")
     # data
-    train_bin: str = field(default="data/fineweb10B/fineweb_train_*.bin", metadata={"help": "glob of training shards"})
-    val_bin: str = field(default="data/fineweb10B/fineweb_val_*.bin", metadata={"help": "glob of validation shards"})
-    loader: str = field(default="random", metadata={"help": "training data: random (windows of seq_len + 1 drawn with replacement from all shards, seeded) or sequential (the 145M scripts': the shards in order, each token once, one sequence of micro_batch_tokens + 1 per rank and micro-step; needs seq_len = micro_batch_tokens, and refuses to start when the shards cannot cover the run)"})
-    val_tokens: int = field(default=10485760, metadata={"help": "validation tokens per eval (rounded down to whole sequences of val_seq_len)"})
-    val_seq_len: int = field(default=0, metadata={"help": "length of each validation sequence, scored under the attention mask (documents, window) of the current step (0: seq_len; the 145M scripts: 262144)"})
-    val_slice_windows: int = field(default=0, metadata={"help": "also score the reference code's validation slice at every eval: the first N stride-1 windows of the val split (its 20 batches: 1280 at batch 64), as slice_val_loss / slice_val_acc; 0 = off"})
+    train_bin: str = setting("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
+    val_bin: str = setting("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards")
+    loader: str = setting("random", "training data: random (windows of seq_len + 1 drawn with replacement from all shards, seeded) or sequential (the 145M scripts': the shards in order, each token once, one sequence of micro_batch_tokens + 1 per rank and micro-step; needs seq_len = micro_batch_tokens, and refuses to start when the shards cannot cover the run)", choices=("random", "sequential"), fixed=True)
+    val_tokens: int = setting(10485760, "validation tokens per eval (rounded down to whole sequences of val_seq_len)")
+    val_seq_len: int = setting(0, "length of each validation sequence, scored under the attention mask (documents, window) of the current step (0: seq_len; the 145M scripts: 262144)", check="nonneg")
+    val_slice_windows: int = setting(0, "also score the reference code's validation slice at every eval: the first N stride-1 windows of the val split (its 20 batches: 1280 at batch 64), as slice_val_loss / slice_val_acc; 0 = off", check="nonneg")
     # runtime
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="bf16", metadata={"help": "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
-    eval_every: int = field(default=125, metadata={"help": "evaluate every N steps and at the end (0: only at the end)"})
-    eval_at_start: bool = field(default=False, metadata={"help": "also evaluate at step 0, before training (the 145M scripts do)"})
-    stop_after: int = field(default=0, metadata={"help": "end the run after N steps, with an eval and a final checkpoint, while the lr, momentum and window schedules still follow num_steps (0: run all num_steps)"})
-    init_weights: str = field(default="", metadata={"help": "torch file of initial weights, loaded after init and before step 0 on every rank (weights only; optimizers start fresh): a state dict in this GPT's names (embed.weight (vocab_size, d_model), blocks.<i>.attn.qkv (3, d, d) = W_q, W_k, W_v stacked as (d_out, d_in), blocks.<i>.attn.proj, blocks.<i>.mlp.fc (mlp_ratio d, d), blocks.<i>.mlp.proj, head (vocab_size, d_model)), or {'model': state dict}; every key and shape must match"})
-    log_every: int = field(default=10, metadata={"help": "print a training line every N steps"})
-    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: none)"})
-    keep_last: int = field(default=2, metadata={"help": "periodic checkpoints to keep"})
-    resume: str = field(default="", metadata={"help": "'latest' (newest checkpoint in the run dir; none yet: start the run, so a pre-emptible job can always pass it) or a checkpoint path"})
-    run_name: str = field(default="", metadata={"help": "run directory name under logs/ (default: derived from the settings and the time)"})
-    out_dir: str = field(default="", metadata={"help": "run directory (default logs/<run_name>)"})
-    debug: bool = field(default=False, metadata={"help": "check that weights are identical across ranks at every eval"})
-    wandb: bool = field(default=False, metadata={"help": "log metrics to Weights & Biases (rank 0)"})
-    wandb_project: str = field(default="lipschitz-transformers", metadata={"help": "W&B project"})
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("bf16", "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)", choices=("bf16", "fp32"))
+    compile: bool = setting(True, "torch.compile the model (CUDA only)")
+    eval_every: int = setting(125, "evaluate every N steps and at the end (0: only at the end)", check="nonneg")
+    eval_at_start: bool = setting(False, "also evaluate at step 0, before training (the 145M scripts do)")
+    stop_after: int = setting(0, "end the run after N steps, with an eval and a final checkpoint, while the lr, momentum and window schedules still follow num_steps (0: run all num_steps)", check="nonneg")
+    init_weights: str = setting("", "torch file of initial weights, loaded after init and before step 0 on every rank (weights only; optimizers start fresh): a state dict in this GPT's names (embed.weight (vocab_size, d_model), blocks.<i>.attn.qkv (3, d, d) = W_q, W_k, W_v stacked as (d_out, d_in), blocks.<i>.attn.proj, blocks.<i>.mlp.fc (mlp_ratio d, d), blocks.<i>.mlp.proj, head (vocab_size, d_model)), or {'model': state dict}; every key and shape must match")
+    log_every: int = setting(10, "print a training line every N steps", check="nonneg")
+    save_every: int = setting(0, "write a resumable checkpoint every N steps (0: none)", check="nonneg")
+    keep_last: int = setting(2, "periodic checkpoints to keep", check="positive")
+    resume: str = setting("", "'latest' (newest checkpoint in the run dir; none yet: start the run, so a pre-emptible job can always pass it) or a checkpoint path")
+    run_name: str = setting("", "run directory name under logs/ (default: derived from the settings and the time)")
+    out_dir: str = setting("", "run directory (default logs/<run_name>)")
+    debug: bool = setting(False, "check that weights are identical across ranks at every eval")
+    wandb: bool = setting(False, "log metrics to Weights & Biases (rank 0)")
+    wandb_project: str = setting("lipschitz-transformers", "W&B project")
 
-
-ARCH_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "head_spectral")
-STATE_KEYS = ("seq_len", "optimizer", "constraint", "embed_update", "rope", "embed_cap", "doc_token", "window_schedule",
-              "layer_pattern", "loader")  # a resume may not change these either
-CHOICES = {
-    "arch": ("lipschitz", "plain_residual", "baseline", "speedrun"),
-    "optimizer": ("muon", "adamw"),
-    "lr_alloc": ("uniform", "modula"),
-    "embed_update": ("adam", "rownorm"),
-    "soft_cap_coupling": ("exact", "reference", "nanogpt"),
-    "rope": ("full", "half_truncated"),
-    "window_schedule": ("none", "reference"),
-    "ns_coeffs": ("polar_express", "reference", "speedrun"),
-    "muon_scale": ("rms", "speedrun"),
-    "hidden_init": ("orthogonal", "ns_uniform"),
-    "embed_cap": ("project", "lookup"),
-    "soft_cap_dtype": ("fp32", "bf16"),
-    "loader": ("random", "sequential"),
-    "constraint": tuple(CONSTRAINTS_DOC.split("|")),
-    "dtype": ("bf16", "fp32"),
-}
+    def __post_init__(self):
+        validate_config(self)
 
 
 class ConfigError(ValueError):
@@ -226,15 +223,19 @@ def _coerce(name: str, typ: str, value, source: str):
     raise ConfigError(f"{source}: '{name}' must be of type {typ.__name__}, got {value!r}")
 
 
-def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config:
-    cfg = dataclasses.replace(base) if base is not None else Config()
+def coerced(d: dict, source: str) -> dict:
+    """The settings of d (a TOML table, a saved config, command-line strings) as their fields' types."""
     known = {f.name: f.type for f in fields(Config)}
-    for k, v in d.items():
+    for k in d:
         if k not in known:
             close = [n for n in known if n.startswith(k[:4])]
             raise ConfigError(f"{source}: unknown key '{k}'" + (f" (did you mean {', '.join(close)}?)" if close else "") + "; see python train_gpt.py --help")
-        setattr(cfg, k, _coerce(k, known[k], v, source))
-    return cfg
+    return {k: _coerce(k, known[k], v, source) for k, v in d.items()}
+
+
+def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config:
+    """base (default: the defaults) with the settings of d, validated once."""
+    return dataclasses.replace(base or Config(), **coerced(d, source))
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -245,9 +246,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     )
     p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
     for f in fields(Config):
-        p.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+        p.add_argument(f"--{f.name}", default=None, metavar="|".join(choices_of(f)) or f.type.upper(),
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
     args = p.parse_args(argv)
-    cfg = Config()
+    table = {}
     if args.config:
         if not os.path.isfile(args.config):
             raise ConfigError(f"--config {args.config}: no such file")
@@ -256,32 +258,20 @@ def parse_config(argv: list[str] | None = None) -> Config:
                 table = tomllib.load(fh)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--config {args.config}: not valid TOML ({e})") from None
-        cfg = config_from_dict(table, args.config)
-    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    cfg = config_from_dict(overrides, "command line", base=cfg)
-    validate_config(cfg)
-    return cfg
+        table = coerced(table, args.config)
+    overrides = coerced({k: v for k, v in vars(args).items() if k != "config" and v is not None}, "command line")
+    return Config(**(table | overrides))  # validated once, on the settings in force
 
 
 def validate_config(cfg: Config) -> None:
-    """Every error a config can have, found before any data is read or any kernel compiled."""
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise ConfigError(f"{k}={getattr(cfg, k)!r} is not one of {', '.join(allowed)}")
-    positive = ["vocab_size", "n_layer", "n_head", "d_model", "mlp_ratio", "seq_len", "num_steps", "batch_tokens",
-                "micro_batch_tokens", "w_max", "emb_w_max", "head_w_max", "final_scale", "softmax_scale", "ns_steps",
-                "lr_hidden", "lr_head", "lr_embed", "lr_scalar", "keep_last", "adam_eps", "logit_softcap", "blocks_mass"]
-    for k in positive:
-        v = getattr(cfg, k)
-        if not (v > 0 and math.isfinite(v)):
-            raise ConfigError(f"{k} must be > 0, got {v}")
-    for k in ("wd", "qk_clip_tau", "eval_every", "save_every", "power_iters", "log_every", "momentum_warmup_steps",
-              "val_slice_windows", "val_seq_len", "stop_after"):
-        if not (getattr(cfg, k) >= 0 and math.isfinite(getattr(cfg, k))):
-            raise ConfigError(f"{k} must be >= 0 and finite, got {getattr(cfg, k)}")
-    for k in ("cooldown_frac", "final_lr_frac", "momentum", "momentum_warmup_start", "adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(cfg, k) <= 1.0:
-            raise ConfigError(f"{k} must be in [0, 1], got {getattr(cfg, k)}")
+    """Every error a config can have, found before any data is read or any kernel compiled: each field's
+    choices and range (from its setting), then the rules between fields."""
+    for f in fields(cfg):
+        v, allowed, check = getattr(cfg, f.name), choices_of(f), f.metadata["check"]
+        if allowed and v not in allowed:
+            raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(allowed)}")
+        if check and not CHECKS[check][1](v):
+            raise ConfigError(f"{f.name} must be {CHECKS[check][0]}, got {v}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
         raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head} with an even head size (RoPE)")
     if cfg.micro_batch_tokens % cfg.seq_len:
@@ -748,7 +738,6 @@ NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer",
 # only as far as the power-iteration sigma_1 is exact, and the warm-started estimate lags a
 # clustered top by up to ~0.9% under Muon-sized steps (scripts/bench_constraints.py).
 GUARANTEED = {"soft_cap", "hard_cap", "stiefel", "svd_clip"}
-assert set(CONSTRAINTS) == set(CHOICES["constraint"])
 
 
 def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: float, v: torch.Tensor | None,
@@ -1810,7 +1799,6 @@ def config_from_checkpoint(ck: dict, path: str = "checkpoint") -> Config:
     """The saved config of a loaded checkpoint, validated; any fault is a CheckpointError naming path."""
     try:
         cfg = config_from_dict(ck["config"], f"{path} config")
-        validate_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{path}: invalid config ({e})") from None
     return cfg
@@ -2232,8 +2220,8 @@ def resolve_run(cfg: Config) -> tuple[str, str, dict | None]:
         run_dir = cfg.out_dir or os.path.dirname(os.path.abspath(resume_path))
     ck = load_checkpoint(resume_path)
     old = config_from_checkpoint(ck, resume_path)
-    changed = [f"{k}: {getattr(old, k)} -> {getattr(cfg, k)}" for k in ARCH_KEYS + STATE_KEYS
-               if getattr(old, k) != getattr(cfg, k)]
+    changed = [f"{f.name}: {getattr(old, f.name)} -> {getattr(cfg, f.name)}" for f in fields(Config)
+               if f.metadata["fixed"] and getattr(old, f.name) != getattr(cfg, f.name)]
     if changed:
         raise ConfigError(f"--resume {resume_path}: the config changes the model ({'; '.join(changed)}); "
                           "resume with the checkpoint's settings")
@@ -2306,7 +2294,6 @@ class Run:
         """Open the run: every check (config, run directory, checkpoint, data) on every rank before
         anything is written or compiled, errors agreed across ranks; then the model and optimizers
         (resumed from the checkpoint, if any) and the run directory's config.json and log.txt."""
-        validate_config(cfg)
         self.cfg, (self.rank, self.world, self.device) = cfg, setup_distributed(cfg)
         rank, world, device = self.rank, self.world, self.device
         if world > 1 and not cfg.resume:  # the time-stamped default name must be the same on every rank

@@ -8,6 +8,7 @@ init_weights and stop_after. All on CPU in fp32 with tiny models.
 """
 
 import json
+import dataclasses
 import math
 import os
 
@@ -114,9 +115,9 @@ def reference_window_tokens(step, num_steps):
 def test_window_schedule_and_layer_pattern():
     cfg = tg.Config(window_schedule="reference", layer_pattern="LSSSLSSLSSSL", num_steps=1770)
     for n in (1770, 6200, 7):
-        cfg.num_steps = n
+        cfg = dataclasses.replace(cfg, num_steps=n)
         assert [tg.window_blocks(s, cfg) * B for s in range(n + 1)] == [reference_window_tokens(s, n) for s in range(n + 1)]
-    cfg.num_steps = 6200
+    cfg = dataclasses.replace(cfg, num_steps=6200)
     assert tg.window_blocks(0, cfg) * B == 128 and tg.window_blocks(6200, cfg) * B == 1792
     assert tg.layer_windows(6200, cfg) == [14, 7, 7, 7, 14, 7, 7, 14, 7, 7, 7, 14]
     assert tg.layer_windows(0, cfg) == [1] * 12

@@ -2,6 +2,7 @@
 row-normalized embedding update, the reference soft-cap coupling, the plain-residual forward pass,
 the reference's validation slice, baseline dropout."""
 
+import dataclasses
 import math
 import os
 
@@ -15,11 +16,8 @@ from conftest import tiny_args
 
 
 def cfg_of(**over):
-    cfg = tg.Config(vocab_size=50, n_layer=1, n_head=2, d_model=32, seq_len=16, device="cpu", dtype="fp32")
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    tg.validate_config(cfg)
-    return cfg
+    return dataclasses.replace(tg.Config(vocab_size=50, n_layer=1, n_head=2, d_model=32, seq_len=16, device="cpu", dtype="fp32"),
+                               **over)
 
 
 # ---- Modula's masses and sensitivities

@@ -5,6 +5,7 @@ download code runs against a local stand-in of the Hugging Face Hub."""
 import hashlib
 import http.server
 import json
+import dataclasses
 import math
 import os
 import re
@@ -242,7 +243,7 @@ def test_results_table_groups_seeds(tmp_path):
         dirs.append(str(tmp_path / f"w{w}_s{seed}"))
         _fake_run(dirs[-1], seed, w, loss, acc, lt)
     dirs.append(str(tmp_path / "base"))
-    _fake_run(dirs[-1], 0, 1.0, 3.3, 0.39, 0.0, arch="baseline")
+    _fake_run(dirs[-1], 0, 1.0, 3.3, 0.39, 0.0, arch="baseline", constraint="none")
     (tmp_path / "not_a_run").mkdir()
     rows = results_table.group_runs(results_table.load_runs(dirs + [str(tmp_path / "not_a_run")], warn=lambda m: None))
     assert len(rows) == 3 and rows[0]["config"]["arch"] == "baseline"
@@ -481,7 +482,7 @@ def test_sample_picks_gpt2_for_padded_vocab(tmp_path, gpt2):
     cfg = train_gpt.Config(vocab_size=50304, train_bin=str(tmp_path / "none" / "x_*.bin"))
     tok = sample.tokenizer_for(cfg, str(tmp_path / "ckpt.pt"), None)
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
-    cfg.vocab_size = 100
+    cfg = dataclasses.replace(cfg, vocab_size=100)
     with pytest.raises(sample.SampleError, match="--meta"):
         sample.tokenizer_for(cfg, str(tmp_path / "ckpt.pt"), None)
 

@@ -2,6 +2,7 @@
 a short real-data run."""
 
 import ast
+import dataclasses
 import math
 import os
 import re
@@ -18,10 +19,8 @@ from data import shards
 
 
 def small_cfg(**over):
-    cfg = tg.Config(vocab_size=50, n_layer=2, n_head=2, d_model=32, seq_len=16, device="cpu", dtype="fp32")
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg
+    return dataclasses.replace(tg.Config(vocab_size=50, n_layer=2, n_head=2, d_model=32, seq_len=16, device="cpu", dtype="fp32"),
+                               **over)
 
 
 # ---- config and CLI
@@ -35,13 +34,13 @@ def test_help_lists_every_key_with_default():
     entries = re.split(r"\n(?=  -)", out.split("\noptions:\n")[1])  # an option's line and its help (next line if long)
     shown = {}
     for e in entries:
-        m = re.fullmatch(r"  --(\w+) (\w+)\s+.*\(default: (.*)\)", e.strip("\n"), re.S)
+        m = re.fullmatch(r"  --(\w+) (\S+)\s+.*\(default: (.*)\)", e.strip("\n"), re.S)
         if m:
             shown[m[1]] = (m[2], m[3])
     assert set(shown) == {f.name for f in fields(tg.Config)}
     for f in fields(tg.Config):
         metavar, default = shown[f.name]
-        assert metavar == f.type.upper(), f.name
+        assert metavar == ("|".join(tg.choices_of(f)) or f.type.upper()), f.name  # the choices, where a field has them
         assert default == repr(f.default) and ast.literal_eval(default) == f.default, (f.name, default, f.default)
 
 
@@ -69,6 +68,33 @@ def test_config_errors_are_clear(tmp_path, text, needle):
     toml.write_text(text)
     with pytest.raises(tg.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         tg.parse_config(["--config", str(toml)])
+
+
+def test_constraint_choices_are_the_constraint_table():
+    """--constraint offers exactly the methods of CONSTRAINTS: each name parses, and a method added to the
+    table is a valid choice with no second list to update."""
+    field = next(f for f in fields(tg.Config) if f.name == "constraint")
+    assert tg.choices_of(field) == tuple(tg.CONSTRAINTS)
+    for name in tg.CONSTRAINTS:
+        extra = ["--wd", "0.1"] if name in ("weight_decay", "spectral_wd") else []
+        assert tg.parse_config(["--constraint", name] + extra).constraint == name
+
+
+def test_a_start_validates_the_config_once(tiny_shards, tmp_path, monkeypatch):
+    """main: the settings in force are validated once (file and command line merged first), not per layer
+    of parsing and again by the run; and a Config cannot be made invalid: construction validates."""
+    calls = []
+    real = tg.validate_config
+    monkeypatch.setattr(tg, "validate_config", lambda cfg: (calls.append(cfg), real(cfg))[1])
+    toml = tmp_path / "c.toml"
+    toml.write_text('optimizer = "adamw"\n')  # invalid alone (soft_cap needs Muon), valid with the command line's constraint
+    args = tiny_args(tiny_shards, str(tmp_path / "run"), constraint="hard_cap", num_steps=2, eval_every=0)
+    assert tg.main(["--config", str(toml)] + args) == 0
+    run_cfg = calls[0]  # the first validation is of the settings in force (later ones: the certificate reading ckpt_final.pt)
+    assert (run_cfg.optimizer, run_cfg.constraint) == ("adamw", "hard_cap")
+    assert sum(c is run_cfg for c in calls) == 1
+    with pytest.raises(tg.ConfigError, match="soft_cap needs a bound"):
+        dataclasses.replace(run_cfg, constraint="soft_cap")
 
 
 def test_batch_that_does_not_divide_names_the_numbers():
