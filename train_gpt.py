@@ -821,44 +821,77 @@ def gather_owned(params: list, mine: list, shape: tuple, dtype: torch.dtype) -> 
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Muon (Nesterov or EMA momentum, Polar-Express orthogonalization, update of RMS->RMS norm lr)
-    or AdamW for 2-D (and stacked 3-D) weights, followed by the weight constraint of each group.
-    A group with rows=True (the embedding under embed_update=rownorm) steps along the row-normalized
-    momentum instead (each row's update has RMS lr) and is projected to row RMS <= its w_max.
-    `shares` maps a parameter to a tensor of shape p.shape[:-2]: its matrices step at lr x share.
+    """Muon (or AdamW) on 2-D (and stacked 3-D) weights, then the weight constraint of each group:
+    W <- project(W - lr scale msign(momentum)). Settings come from the run's Config (optimizer,
+    momentum, ns_steps, ns_coeffs, muon_scale, constraint, power_iters, wd, soft_cap_coupling, ...);
+    a group may set its own lr, w_max and constraint. A group with rows=True (the embedding under
+    embed_update=rownorm) steps along the row-normalized momentum instead (each row's update has RMS
+    lr) and is projected to row RMS <= its w_max. `shares` maps a parameter to a tensor of shape
+    p.shape[:-2]: its matrices step at lr x share (lr_alloc=modula).
 
     Same-shaped matrices of a group are stacked and processed in one batched call. Under
     torch.distributed, matrix i of a stack is owned by rank i % world: the owner computes its
     update and projection, then the new weights and power-iteration vectors are all-gathered,
     so every rank ends the step with bitwise identical weights. Momentum and Adam moments live
-    on the owner only; `full_state_dict` collects them for checkpoints."""
+    on the owner only; `matrix_optimizer_state` collects them for checkpoints."""
 
-    def __init__(self, params_groups, kind: str, constraint: str, w_max: float, wd: float = 0.0,
-                 momentum: float = 0.95, ns_steps: int = 5, power_iters: int = 4,
-                 betas=(0.9, 0.95), eps: float = 1e-10, nesterov: bool = True, coupling: str = "exact",
-                 ns_dtype: torch.dtype = torch.bfloat16, shares: dict | None = None, row_inflation: float = 16.0,
-                 ns_kind: str = "polar_express", cap_dtype: torch.dtype = torch.float32, scale_rule: str = "rms"):
-        defaults = dict(lr=0.0, w_max=w_max, constraint=constraint, momentum=momentum)
-        super().__init__(params_groups, defaults)
-        self.kind, self.wd, self.ns_steps, self.power_iters = kind, wd, ns_steps, power_iters
-        self.betas, self.eps, self.nesterov, self.coupling = betas, eps, nesterov, coupling
-        self.ns_dtype, self.shares, self.row_inflation = ns_dtype, shares or {}, row_inflation
-        self.ns_kind, self.cap_dtype, self.scale_rule = ns_kind, cap_dtype, scale_rule
+    def __init__(self, params_groups, cfg: Config, shares: dict | None = None):
+        super().__init__(params_groups, dict(lr=0.0, w_max=cfg.w_max, constraint=cfg.constraint, momentum=cfg.momentum))
+        self.cfg, self.shares = cfg, shares or {}
+        self.ns_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+        self.cap_dtype = torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32
         self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
 
-    def _stacks(self, group):
-        """Params of a group by shape, in a fixed order (a 3-D param is a stack of matrices)."""
-        by_shape: dict[tuple, list] = {}
-        for p in group["params"]:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        return list(by_shape.items())
+    @torch.no_grad()
+    def step(self):
+        rank, world = dist_info()
+        pid = 0
+        for group in self.param_groups:
+            for shape, params in matrix_stacks(group):
+                mine, new_w, new_v = params[rank::world], [], []
+                if mine:
+                    new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
+                if world > 1:
+                    new_w = gather_owned(params, new_w, shape, params[0].dtype)
+                    if group["constraint"] in NEEDS_POWER_ITERATION:
+                        new_v = [v.clone() for v in gather_owned(params, new_v, *state_entry_layout("v", params[0]))]
+                torch._foreach_copy_(params, new_w)
+                for p, v in zip(params, new_v):  # power-iteration vectors: empty unless the constraint needs them
+                    self.state[p]["v"] = v
+                pid += len(params)
 
-    def _start_vector(self, p, idx):
-        g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
-        return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
+    def _update(self, params, group, ids):
+        """One step of a stack of same-shaped matrices (this rank's): the update, then the projection."""
+        cfg, lr, states = self.cfg, self._lr(params, group["lr"]), [self.state[p] for p in params]
+        W = torch.stack(params).float()
+        G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+        if cfg.optimizer == "muon":
+            mu = group["momentum"]
+            buf = stacked_state(states, "momentum_buffer", G).lerp_(G, 1 - mu)
+            m = G.lerp_(buf, mu) if cfg.nesterov else buf  # Nesterov look-ahead (G is this call's own copy), or the EMA
+            if group.get("rows"):
+                upd, step = normalize_rows(m, cfg.embed_max_inflation), lr
+            else:
+                upd, step = msign(m, cfg.ns_steps, self.ns_dtype, cfg.ns_coeffs), lr * muon_step_scale(W, cfg.muon_scale)
+            if torch.is_tensor(step):  # per-matrix learning rates
+                W.sub_(upd * step)
+            else:
+                W.add_(upd, alpha=-step)
+        else:  # adamw: the decay is the constraint 'weight_decay'
+            W = W - lr * adam_direction(G, states, cfg)
+        self.mark("update")
+        if group.get("rows"):
+            W, v = project_rows(W, group["w_max"]), None
+        else:
+            v, iters = self._power_start(params, states, ids) if group["constraint"] in NEEDS_POWER_ITERATION else (None, 0)
+            W, v = project(W, group["constraint"], group["w_max"], lr, cfg.wd, self.max_update_norm(lr, rms_scale(W)),
+                           v, iters, self.cap_dtype)
+        self.mark("constraint")
+        return list(W), [] if v is None else list(v)
 
     def max_update_norm(self, lr, scale: float = 1.0):
-        return max_update_norm(lr, self.ns_steps, self.coupling, scale, self.ns_kind)
+        """The update norm the soft cap of a matrix with rms_scale `scale` is coupled to."""
+        return max_update_norm(lr, self.cfg.ns_steps, self.cfg.soft_cap_coupling, scale, self.cfg.ns_coeffs)
 
     def _lr(self, params, lr: float):
         """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
@@ -867,129 +900,112 @@ class MatrixOptimizer(torch.optim.Optimizer):
         sh = torch.stack([self.shares.get(p, torch.ones(p.shape[:-2])).to(p.device, torch.float32) for p in params])
         return (lr * sh)[..., None, None]
 
-    @torch.no_grad()
-    def step(self):
-        rank, world = dist_info()
-        pid = 0
-        for group in self.param_groups:
-            for shape, params in self._stacks(group):
-                mine, new_w, new_v = params[rank::world], [], []
-                if mine:
-                    new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
-                if world > 1:
-                    new_w = gather_owned(params, new_w, shape, params[0].dtype)
-                    if group["constraint"] in NEEDS_POWER_ITERATION:
-                        new_v = [v.clone() for v in gather_owned(params, new_v, *self._entry_layout("v", params[0]))]
-                torch._foreach_copy_(params, new_w)
-                for p, v in zip(params, new_v):  # power-iteration vectors: empty unless the constraint needs them
-                    self.state[p]["v"] = v
-                pid += len(params)
+    def _power_start(self, params, states, ids):
+        """Start vectors of the power iteration: last step's (warm, power_iters products) or seeded ones (32)."""
+        if "v" in states[0]:
+            return torch.stack([s["v"] for s in states]), self.cfg.power_iters
+        return torch.stack([power_start_vector(p, i) for p, i in zip(params, ids)]), 32
 
-    @staticmethod
-    def _entry_layout(key: str, p) -> tuple:
-        """(shape, dtype) of state entry `key` of parameter p: Adam's step count, the power-iteration
-        vectors (one per matrix of p) or a tensor shaped like p."""
-        layouts = {"t": ((), torch.int64), "v": (tuple(p.shape[:-2]) + (p.size(-1),), torch.float32)}
-        return layouts.get(key, (tuple(p.shape), torch.float32))
 
-    def _state_keys(self, group) -> tuple:
-        keys = ("momentum_buffer",) if self.kind == "muon" else ("exp_avg", "exp_avg_sq", "t")
-        return keys + (("v",) if group["constraint"] in NEEDS_POWER_ITERATION else ())
+def project(W: torch.Tensor, name: str, w_max: float, lr=0.0, wd: float = 0.0, update_norm=0.0,
+            v: torch.Tensor | None = None, iters: int = 0, dtype: torch.dtype = torch.float32):
+    """Constraint `name` (a key of CONSTRAINTS) on each matrix of W (..., d_out, d_in), applied to its
+    RMS->RMS-scaled form M = W / sqrt(d_out/d_in) so that w_max caps the RMS->RMS norm. What the methods
+    need comes with it: this step's lr and wd, the soft cap's strength for updates of norm <= update_norm
+    (computed in `dtype`), and for the power-iteration methods `iters` products from start vectors v.
+    Returns the new W and the new power-iteration vectors (None when the method uses none)."""
+    scale = rms_scale(W)
+    M = W / scale
+    args = constraint_args(name, M, w_max, lr, wd, v, iters, update_norm)
+    args.dtype = dtype
+    M = CONSTRAINTS[name](M.float(), args)
+    return (M * scale).to(W.dtype), args.v
 
-    def _update(self, params, group, ids):
-        lr = self._lr(params, group["lr"])
-        W = torch.stack(params).float()
-        G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
-        states = [self.state[p] for p in params]
-        if self.kind == "muon":
-            mu = group["momentum"]
-            buf = self._stacked_state(states, "momentum_buffer", G)
-            buf.lerp_(G, 1 - mu)
-            m = G.lerp_(buf, mu) if self.nesterov else buf  # Nesterov look-ahead (G is this call's own copy), or the EMA
-            if group.get("rows"):
-                upd, step = normalize_rows(m, self.row_inflation), lr
-            else:
-                upd, step = msign(m, self.ns_steps, self.ns_dtype, self.ns_kind), lr * muon_step_scale(W, self.scale_rule)
-            if torch.is_tensor(step):
-                W.sub_(upd * step)
-            else:
-                W.add_(upd, alpha=-step)
-        else:  # adamw: the decay is the constraint 'weight_decay'
-            b1, b2 = self.betas
-            m = self._stacked_state(states, "exp_avg", G).lerp_(G, 1 - b1)
-            v2 = self._stacked_state(states, "exp_avg_sq", G).mul_(b2).addcmul_(G, G, value=1 - b2)
-            t = states[0].get("t", 0) + 1
-            upd = (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + self.eps)
-            for s in states:
-                s["t"] = t
-            W = W - lr * upd
-        self.mark("update")
-        out = self._project(W, params, states, group, ids, lr)
-        self.mark("constraint")
-        return out
 
-    @staticmethod
-    def _stacked_state(states, key, like):
-        """One stacked tensor of a state entry (zeros where missing) whose rows are the per-param
-        entries (views): reused as is on the next step unless an entry was replaced (a loaded
-        checkpoint), so a step neither stacks the state nor splits it back."""
-        bufs = [s.get(key) for s in states]
-        base = bufs[0]._base if bufs[0] is not None else None
-        if base is not None and base.shape == like.shape and all(
-                b is not None and b._base is base and b.data_ptr() == base[i].data_ptr() for i, b in enumerate(bufs)):
-            return base
-        base = torch.stack([b if b is not None else torch.zeros_like(g) for b, g in zip(bufs, like)])
-        for s, b in zip(states, base):
-            s[key] = b
+# -----------------------------------------------------------------------------
+# The optimizer's machinery: stacks, state, Adam's direction, checkpointed state
+
+
+def matrix_stacks(group) -> list:
+    """(shape, params) of a group's parameters by shape, in a fixed order (a 3-D param is a stack of matrices)."""
+    by_shape: dict[tuple, list] = {}
+    for p in group["params"]:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    return list(by_shape.items())
+
+
+def power_start_vector(p, idx: int) -> torch.Tensor:
+    """Seeded start vectors of the power iteration of parameter p (one per matrix), the same on every rank."""
+    g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
+    return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
+
+
+def state_entry_layout(key: str, p) -> tuple:
+    """(shape, dtype) of optimizer state entry `key` of parameter p: Adam's step count, the power-iteration
+    vectors (one per matrix of p) or a tensor shaped like p."""
+    layouts = {"t": ((), torch.int64), "v": (tuple(p.shape[:-2]) + (p.size(-1),), torch.float32)}
+    return layouts.get(key, (tuple(p.shape), torch.float32))
+
+
+def stacked_state(states, key, like):
+    """One stacked tensor of a state entry (zeros where missing) whose rows are the per-param
+    entries (views): reused as is on the next step unless an entry was replaced (a loaded
+    checkpoint), so a step neither stacks the state nor splits it back."""
+    bufs = [s.get(key) for s in states]
+    base = bufs[0]._base if bufs[0] is not None else None
+    if base is not None and base.shape == like.shape and all(
+            b is not None and b._base is base and b.data_ptr() == base[i].data_ptr() for i, b in enumerate(bufs)):
         return base
+    base = torch.stack([b if b is not None else torch.zeros_like(g) for b, g in zip(bufs, like)])
+    for s, b in zip(states, base):
+        s[key] = b
+    return base
 
-    def _project(self, W, params, states, group, ids, lr):
-        name, w_max = group["constraint"], group["w_max"]
-        if group.get("rows"):
-            return list(project_rows(W, w_max)), []
-        scale = rms_scale(W)
-        M = W / scale
-        v0, iters = None, 0
-        if name in NEEDS_POWER_ITERATION:
-            cold = "v" not in states[0]
-            v0 = torch.stack([self._start_vector(p, i) if cold else s["v"] for p, s, i in zip(params, states, ids)])
-            iters = 32 if cold else self.power_iters
-        # soft cap: Muon only (validate_config), coupled to this step's update norm
-        args = constraint_args(name, M, w_max, lr, self.wd, v0, iters, self.max_update_norm(lr, scale))
-        args.dtype = self.cap_dtype
-        new_v = [] if args.v is None else list(args.v)
-        M = CONSTRAINTS[name](M.float(), args)
-        return list((M * scale).to(W.dtype)), new_v
 
-    def full_state_dict(self) -> dict:
-        """Optimizer state of every matrix, gathered from its owner rank (collective call)."""
-        rank, world = dist_info()
-        out = {}
-        for group in self.param_groups:
-            for shape, params in self._stacks(group):
-                entries = [{} for _ in params]
-                for key in self._state_keys(group):
-                    mine = [self.state.get(p, {}).get(key) for p in params[rank::world]]
-                    if world > 1:  # every owner has the key (a stack steps together) or none has: before step 1
-                        if any_rank(any(t is None for t in mine), params[0].device):
-                            continue
-                        mine = gather_owned(params, [torch.as_tensor(t, device=params[0].device) for t in mine],
-                                            *self._entry_layout(key, params[0]))
-                    for e, t in zip(entries, mine):
-                        if t is not None:
-                            e[key] = int(t) if key == "t" else t.detach().cpu().clone()
-                for e in entries:
-                    out[str(len(out))] = e
-        return {"state": out}
+def adam_direction(G: torch.Tensor, states: list, cfg: Config) -> torch.Tensor:
+    """AdamW's bias-corrected m / (sqrt(v) + eps) for the stacked gradients G (optimizer=adamw)."""
+    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+    m = stacked_state(states, "exp_avg", G).lerp_(G, 1 - b1)
+    v2 = stacked_state(states, "exp_avg_sq", G).mul_(b2).addcmul_(G, G, value=1 - b2)
+    t = states[0].get("t", 0) + 1
+    for s in states:
+        s["t"] = t
+    return (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + cfg.adam_eps)
 
-    def load_full_state_dict(self, sd: dict) -> None:
-        pid = 0
-        for group in self.param_groups:
-            for shape, params in self._stacks(group):
-                for p in params:
-                    entry = sd["state"].get(str(pid), {})
-                    self.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
-                    pid += 1
+
+def matrix_optimizer_state(opt: MatrixOptimizer) -> dict:
+    """Optimizer state of every matrix, gathered from its owner rank (collective call)."""
+    rank, world = dist_info()
+    out = {}
+    for group in opt.param_groups:
+        keys = ("momentum_buffer",) if opt.cfg.optimizer == "muon" else ("exp_avg", "exp_avg_sq", "t")
+        keys += ("v",) if group["constraint"] in NEEDS_POWER_ITERATION else ()
+        for shape, params in matrix_stacks(group):
+            entries = [{} for _ in params]
+            for key in keys:
+                mine = [opt.state.get(p, {}).get(key) for p in params[rank::world]]
+                if world > 1:  # every owner has the key (a stack steps together) or none has: before step 1
+                    if any_rank(any(t is None for t in mine), params[0].device):
+                        continue
+                    mine = gather_owned(params, [torch.as_tensor(t, device=params[0].device) for t in mine],
+                                        *state_entry_layout(key, params[0]))
+                for e, t in zip(entries, mine):
+                    if t is not None:
+                        e[key] = int(t) if key == "t" else t.detach().cpu().clone()
+            for e in entries:
+                out[str(len(out))] = e
+    return {"state": out}
+
+
+def load_matrix_optimizer_state(opt: MatrixOptimizer, sd: dict) -> None:
+    """The inverse of matrix_optimizer_state (every rank loads every entry)."""
+    pid = 0
+    for group in opt.param_groups:
+        for shape, params in matrix_stacks(group):
+            for p in params:
+                entry = sd["state"].get(str(pid), {})
+                opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
+                pid += 1
 
 
 # -----------------------------------------------------------------------------
@@ -1934,13 +1950,7 @@ def build_optimizers(model: GPT, cfg: Config):
             lr = lr * float(shares.get(p, 1.0))
             adam_params.append(dict(params=[p], lr=lr, base_lr=lr))
     adam_params += [dict(params=[p], lr=lr, base_lr=lr) for p, lr in model.extra_adam_params(cfg)]
-    mat = MatrixOptimizer(groups, kind=cfg.optimizer, constraint=cfg.constraint, w_max=cfg.w_max, wd=cfg.wd,
-                          momentum=cfg.momentum, ns_steps=cfg.ns_steps, power_iters=cfg.power_iters,
-                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, nesterov=cfg.nesterov,
-                          coupling=cfg.soft_cap_coupling, ns_dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16,
-                          shares=shares, row_inflation=cfg.embed_max_inflation, ns_kind=cfg.ns_coeffs,
-                          cap_dtype=torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32,
-                          scale_rule=cfg.muon_scale)
+    mat = MatrixOptimizer(groups, cfg, shares)
     adam = None
     if adam_params:
         adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -2244,10 +2254,10 @@ def restore(ck: dict, path: str, model: GPT, mat_opt: MatrixOptimizer, adam, loa
     """Load model, optimizer, loader and RNG state from a resumable checkpoint; returns its step."""
     try:
         model.load_state_dict(ck["model"])
-        mat_opt.load_full_state_dict(ck["optimizers"]["matrix"])
+        load_matrix_optimizer_state(mat_opt, ck["optimizers"]["matrix"])
         for p, st in mat_opt.state.items():
             for k, t in st.items():
-                if torch.is_tensor(t) and tuple(t.shape) != MatrixOptimizer._entry_layout(k, p)[0]:
+                if torch.is_tensor(t) and tuple(t.shape) != state_entry_layout(k, p)[0]:
                     raise ValueError(f"optimizer state '{k}' of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
         if adam is not None:
             adam.load_state_dict(ck["optimizers"]["adam"])
@@ -2383,7 +2393,7 @@ class Run:
         obj = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                "config": dataclasses.asdict(cfg), "step": step, "format_version": 1}
         if kind == "step":
-            obj["optimizers"] = {"matrix": self.mat_opt.full_state_dict(),
+            obj["optimizers"] = {"matrix": matrix_optimizer_state(self.mat_opt),
                                  "adam": self.adam.state_dict() if self.adam is not None else {}}
             obj["loader"] = self.loader.state_dict()
             obj["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}

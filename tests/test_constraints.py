@@ -204,7 +204,7 @@ def test_power_iteration_zero_matrix_keeps_a_unit_vector():
 def test_soft_cap_theorem_worst_case_update(w_max, lr):
     """W with sigma_max = w_max plus an update of norm lr * stretch along W's own singular
     vectors (the worst case): the coupled soft cap brings every singular value back under w_max."""
-    opt = tg.MatrixOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], kind="muon", constraint="soft_cap", w_max=w_max)
+    opt = tg.MatrixOptimizer([torch.nn.Parameter(torch.zeros(2, 2))], tg.Config(constraint="soft_cap", w_max=w_max))
     s_upd = opt.max_update_norm(lr)
     alpha = tg.soft_cap_alpha(w_max, s_upd)
     rng = np.random.default_rng(12)
@@ -248,8 +248,8 @@ def adversarial_muon_steps(constraint, kind, lr, steps=6, w_max=1.0):
     torch.manual_seed(13)
     params = [torch.nn.Parameter(w_max * tg.rms_scale(torch.empty(a, b)) * torch.nn.init.orthogonal_(torch.empty(a, b)))
               for a, b in [(32, 32), (32, 32), (128, 32), (32, 128)]]
-    opt = tg.MatrixOptimizer([dict(params=params, lr=lr, w_max=w_max)], kind=kind, constraint=constraint,
-                            w_max=w_max, power_iters=4)
+    opt = tg.MatrixOptimizer([dict(params=params, lr=lr, w_max=w_max)],
+                             tg.Config(optimizer=kind, constraint=constraint, w_max=w_max, power_iters=4, adam_beta1=0.9))
     worst = 0.0
     for _ in range(steps):
         for p in params:

@@ -130,8 +130,8 @@ def test_ema_momentum_orthogonalizes_the_buffer_not_the_lookahead():
     mu, lr = 0.9, 0.1
     for nesterov in (False, True):
         W.data.zero_()
-        opt = tg.MatrixOptimizer([dict(params=[W], lr=lr)], kind="muon", constraint="none", w_max=1.0, momentum=mu,
-                                 nesterov=nesterov, ns_dtype=torch.float32)
+        opt = tg.MatrixOptimizer([dict(params=[W], lr=lr)],
+                                 tg.Config(constraint="none", w_max=1.0, momentum=mu, nesterov=nesterov, dtype="fp32"))
         for g in (g1, g2):
             W.grad = g.clone()
             opt.step()
@@ -171,8 +171,8 @@ def test_rownorm_embedding_leaves_unseen_tokens_and_caps_rows():
 
 def test_reference_coupling_is_the_reference_codes():
     W = torch.nn.Parameter(torch.zeros(4, 4))
-    exact = tg.MatrixOptimizer([W], kind="muon", constraint="soft_cap", w_max=2.0)
-    ref = tg.MatrixOptimizer([W], kind="muon", constraint="soft_cap", w_max=2.0, coupling="reference")
+    exact = tg.MatrixOptimizer([W], tg.Config(constraint="soft_cap", w_max=2.0))
+    ref = tg.MatrixOptimizer([W], tg.Config(constraint="soft_cap", w_max=2.0, soft_cap_coupling="reference"))
     assert exact.max_update_norm(0.1, 2.0) == pytest.approx(0.1 * tg.ns_max_stretch(5) * (1 + tg.BF16_NS_MARGIN))
     assert ref.max_update_norm(0.1, 2.0) == pytest.approx(0.05) and ref.max_update_norm(0.1, 0.5) == pytest.approx(0.2)
 

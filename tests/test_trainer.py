@@ -178,7 +178,7 @@ def test_muon_update_has_rms_to_rms_norm_lr(shape):
     W = torch.nn.Parameter(torch.randn(*shape) * 0.1)
     W.grad = torch.randn(*shape)
     lr = 0.05
-    opt = tg.MatrixOptimizer([dict(params=[W], lr=lr)], kind="muon", constraint="none", w_max=1.0, momentum=0.0)
+    opt = tg.MatrixOptimizer([dict(params=[W], lr=lr)], tg.Config(constraint="none", w_max=1.0, momentum=0.0))
     before = W.detach().clone()
     opt.step()
     s = torch.linalg.svdvals((W.detach() - before).double()) / tg.rms_scale(W) / lr
@@ -192,8 +192,7 @@ def test_norms_stay_below_w_max_after_steps(constraint):
     params = [torch.nn.Parameter(torch.randn(3, 48, 48) * 0.01), torch.nn.Parameter(torch.zeros(96, 48)),
               torch.nn.Parameter(torch.zeros(48, 96))]
     w_max = 1.5
-    opt = tg.MatrixOptimizer([dict(params=params, lr=0.2)], kind="muon", constraint=constraint, w_max=w_max,
-                             momentum=0.9)
+    opt = tg.MatrixOptimizer([dict(params=params, lr=0.2)], tg.Config(constraint=constraint, w_max=w_max, momentum=0.9))
     for step in range(25):
         for p in params:
             p.grad = torch.randn_like(p) + 0.5  # a persistent direction pushes the norm up
