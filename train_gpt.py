@@ -7,6 +7,9 @@ output projections, Muon updates of known spectral norm, and after every step a 
 that keeps each matrix's RMS->RMS norm sqrt(d_in/d_out) * sigma_max(W) at most w_max.
 `lipschitz_bound.py` turns a checkpoint of this script into a certified Lipschitz bound.
 
+Read top to bottom: Part 1 is the method in the paper's order (configuration, model, Muon and the
+projection after every step, the training loop); Part 2, after the loop, is the machinery.
+
 Recipes
   python data/shakespeare_char.py                          # char-level shards + meta.json
   python train_gpt.py --config configs/quickstart.toml     # ~80 s on a 2-core CPU
@@ -53,12 +56,20 @@ import torch.nn.functional as F
 
 from data.shards import TMP_TAG, DataError, atomic_write, check_token_range, read_shard
 
+
+# =============================================================================
+# Part 1: the method, in the paper's order: architecture, configuration, model, Muon and the
+# projection after every step, the training loop. Part 2, after the loop, is the machinery.
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
 # Architecture constants (shared with lipschitz_bound.py, which imports them)
 
 # max_x d/dx GELU(x) = Phi(sqrt 2) + sqrt 2 * phi(sqrt 2) = 1.12890...; the paper rounds it to
 # 1.1289. Dividing by the exact value makes gelu(x) / GELU_MAX_SLOPE 1-Lipschitz.
 GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
+
 # Attention output is W_o (y / 3): the paper's factor that makes the attention map 1-Lipschitz
 # at unit input norm (|dF| <= |dv| + |v|(|dq||k| + |q||dk|) <= 3 |dx| for unit-norm q, k, v).
 ATTN_OUT_FACTOR = 1.0 / 3.0
@@ -96,7 +107,8 @@ def attn_scale(cfg) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults
+# Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults;
+# each field carries its choices and range (parsing and the rules between fields: Part 2)
 
 CHECKS = {"positive": ("> 0", lambda v: v > 0 and math.isfinite(v)),
           "nonneg": (">= 0 and finite", lambda v: v >= 0 and math.isfinite(v)),
@@ -203,880 +215,6 @@ class Config:
         validate_config(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}  # a bool on the command line
-
-
-def _coerce(name: str, typ: str, value, source: str):
-    """value as the field's type: TOML values as they are (ints accepted for floats), command-line text parsed."""
-    typ, v = {"int": int, "float": float, "str": str, "bool": bool}[typ], value
-    if isinstance(v, str) and typ is not str:
-        with contextlib.suppress(ValueError):
-            v = BOOL_WORDS.get(v.lower(), v) if typ is bool else typ(v)
-    if typ is float and type(v) is int:
-        v = float(v)
-    if type(v) is typ:  # type(True) is bool, not int: a bool is no number here
-        return v
-    raise ConfigError(f"{source}: '{name}' must be of type {typ.__name__}, got {value!r}")
-
-
-def coerced(d: dict, source: str) -> dict:
-    """The settings of d (a TOML table, a saved config, command-line strings) as their fields' types."""
-    known = {f.name: f.type for f in fields(Config)}
-    for k in d:
-        if k not in known:
-            close = [n for n in known if n.startswith(k[:4])]
-            raise ConfigError(f"{source}: unknown key '{k}'" + (f" (did you mean {', '.join(close)}?)" if close else "") + "; see python train_gpt.py --help")
-    return {k: _coerce(k, known[k], v, source) for k, v in d.items()}
-
-
-def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config:
-    """base (default: the defaults) with the settings of d, validated once."""
-    return dataclasses.replace(base or Config(), **coerced(d, source))
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(
-        description="Train a GPT with enforced Lipschitz constants (Newhouse et al. 2025). "
-        "Settings: command line > --config file > these defaults (the paper's 145M hyperparameters; "
-        "configs/nanogpt_145m.toml adds the reference scripts' pipeline).",
-    )
-    p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
-    for f in fields(Config):
-        p.add_argument(f"--{f.name}", default=None, metavar="|".join(choices_of(f)) or f.type.upper(),
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
-    args = p.parse_args(argv)
-    table = {}
-    if args.config:
-        if not os.path.isfile(args.config):
-            raise ConfigError(f"--config {args.config}: no such file")
-        try:
-            with open(args.config, "rb") as fh:
-                table = tomllib.load(fh)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--config {args.config}: not valid TOML ({e})") from None
-        table = coerced(table, args.config)
-    overrides = coerced({k: v for k, v in vars(args).items() if k != "config" and v is not None}, "command line")
-    return Config(**(table | overrides))  # validated once, on the settings in force
-
-
-def validate_config(cfg: Config) -> None:
-    """Every error a config can have, found before any data is read or any kernel compiled: each field's
-    choices and range (from its setting), then the rules between fields."""
-    for f in fields(cfg):
-        v, allowed, check = getattr(cfg, f.name), choices_of(f), f.metadata["check"]
-        if allowed and v not in allowed:
-            raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(allowed)}")
-        if check and not CHECKS[check][1](v):
-            raise ConfigError(f"{f.name} must be {CHECKS[check][0]}, got {v}")
-    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
-        raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head} with an even head size (RoPE)")
-    if cfg.micro_batch_tokens % cfg.seq_len:
-        raise ConfigError(f"micro_batch_tokens={cfg.micro_batch_tokens} must be a multiple of seq_len={cfg.seq_len}")
-    if cfg.rope == "half_truncated" and (cfg.d_model // cfg.n_head) % 4:
-        raise ConfigError(f"rope=half_truncated needs a head size divisible by 4, got {cfg.d_model // cfg.n_head}")
-    if not -1 <= cfg.doc_token < cfg.vocab_size:
-        raise ConfigError(f"doc_token={cfg.doc_token} must be -1 (off) or a token id below vocab_size={cfg.vocab_size}")
-    if cfg.layer_pattern and (len(cfg.layer_pattern) != cfg.n_layer or set(cfg.layer_pattern) - set("LS")):
-        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} must be {cfg.n_layer} letters L or S, one per layer")
-    if "S" in cfg.layer_pattern and cfg.window_schedule == "none":
-        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} has short layers but window_schedule=none has no window to halve; "
-                          "set window_schedule or clear layer_pattern")
-    if masked_attention(cfg):
-        for k, n in (("seq_len", cfg.seq_len), ("val_seq_len", val_len(cfg))):
-            if n % ATTN_BLOCK:
-                raise ConfigError(f"{k}={n} must be a multiple of {ATTN_BLOCK} (the attention block) "
-                                  "with doc_token or window_schedule set")
-        if cfg.qk_clip_tau > 0:
-            raise ConfigError("qk_clip_tau tracks causal logits only; it cannot be combined with doc_token or window_schedule")
-    if cfg.loader == "sequential" and cfg.seq_len != cfg.micro_batch_tokens:
-        raise ConfigError(f"loader=sequential trains on one sequence of micro_batch_tokens per rank and micro-step: "
-                          f"set seq_len={cfg.micro_batch_tokens} (now {cfg.seq_len})")
-    if cfg.ns_coeffs == "reference" and cfg.ns_steps != len(NANOGPT_NS):
-        raise ConfigError(f"ns_coeffs=reference is {len(NANOGPT_NS)} fixed steps; set ns_steps={len(NANOGPT_NS)} (now {cfg.ns_steps})")
-    if cfg.embed_cap == "lookup" and (cfg.embed_update != "adam" or cfg.arch in UNCONSTRAINED_ARCHS):
-        raise ConfigError("embed_cap=lookup renormalizes the rows that Adam steps (embed_update=adam) in a Lipschitz arch; "
-                          "use embed_cap=project")
-    if cfg.stop_after > cfg.num_steps:
-        raise ConfigError(f"stop_after={cfg.stop_after} is past num_steps={cfg.num_steps}; stop_after ends a run early "
-                          "inside its schedule (0: run all num_steps)")
-    if cfg.arch in UNCONSTRAINED_ARCHS and cfg.constraint != "none":
-        raise ConfigError(f"arch={cfg.arch} has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
-    if cfg.arch == "speedrun":
-        if cfg.n_layer % 2 or cfg.n_layer < SPEEDRUN_NO_ATTN_LAYER + 1:
-            raise ConfigError(f"arch=speedrun needs an even n_layer >= {SPEEDRUN_NO_ATTN_LAYER + 1} (U-net halves, "
-                              f"{SPEEDRUN_VALUE_EMBEDS} value-embedded layers at each end, no attention in layer "
-                              f"{SPEEDRUN_NO_ATTN_LAYER}); got {cfg.n_layer}")
-        if cfg.final_scale != 1.0 or cfg.head_spectral or cfg.qk_clip_tau > 0 or cfg.hidden_init != "orthogonal":
-            raise ConfigError("arch=speedrun has its own init, an Adam head, no final_scale and no QK-Clip: set head_spectral = false "
-                              "and leave final_scale (1), qk_clip_tau (0) and hidden_init (orthogonal) at their defaults")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.dropout > 0 and masked_attention(cfg):
-        raise ConfigError("dropout is not supported with doc_token or window_schedule (FlexAttention has no dropout)")
-    if cfg.dropout > 0 and cfg.arch != "baseline":
-        raise ConfigError(f"dropout={cfg.dropout} is for arch=baseline only (the Lipschitz map the certificate bounds has none)")
-    if cfg.lr_alloc == "modula" and cfg.arch in UNCONSTRAINED_ARCHS:
-        raise ConfigError("lr_alloc=modula derives step sizes from the Lipschitz architecture's scalars; "
-                          f"arch={cfg.arch} (RMSNorm) has no such sensitivities: use lr_alloc=uniform")
-    if cfg.embed_update == "rownorm" and (cfg.optimizer != "muon" or cfg.arch in UNCONSTRAINED_ARCHS):
-        raise ConfigError("embed_update=rownorm is the Modula update of a capped embedding and uses Muon's momentum: "
-                          "it needs optimizer=muon and a Lipschitz arch; use embed_update=adam")
-    if cfg.embed_max_inflation < 1 or not math.isfinite(cfg.embed_max_inflation):
-        raise ConfigError(f"embed_max_inflation must be >= 1 and finite, got {cfg.embed_max_inflation}")
-    if cfg.soft_cap_coupling == "reference" and cfg.constraint != "soft_cap":
-        raise ConfigError(f"soft_cap_coupling={cfg.soft_cap_coupling} is only used by constraint soft_cap, not {cfg.constraint}")
-    if cfg.optimizer == "adamw" and cfg.constraint == "soft_cap":
-        raise ConfigError("soft_cap needs a bound on each update's spectral norm, which Muon gives and AdamW does not; "
-                          "use --optimizer muon, or another constraint (spectral_hammer, weight_decay, hard_cap, ...) with adamw")
-    if cfg.constraint in ("weight_decay", "spectral_wd") and cfg.wd == 0:
-        raise ConfigError(f"constraint {cfg.constraint} needs --wd > 0")
-    if cfg.wd > 0 and cfg.constraint not in ("weight_decay", "spectral_wd"):
-        raise ConfigError(f"--wd {cfg.wd} is only used by constraint weight_decay or spectral_wd, not {cfg.constraint}")
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    per_step = world_size * cfg.micro_batch_tokens
-    if cfg.batch_tokens % per_step:
-        raise ConfigError(
-            f"batch_tokens={cfg.batch_tokens} is not divisible by world_size x micro_batch_tokens = "
-            f"{world_size} x {cfg.micro_batch_tokens} = {per_step}; pick batch_tokens a multiple of {per_step} "
-            f"or a micro_batch_tokens that divides {cfg.batch_tokens // world_size if cfg.batch_tokens % world_size == 0 else cfg.batch_tokens}")
-    return cfg.batch_tokens // per_step
-
-
-# -----------------------------------------------------------------------------
-# Numerical primitives: matrix sign (polar factor), power iteration, exact norms
-
-# Polar Express (Amsel et al. 2025, arXiv 2505.16932) degree-5 coefficients for l = 1e-3 and
-# cushion 0.02407; rows 1-7 are then divided as p(x / 1.01) for rounding safety, the 8th row is the
-# classic convergent tail repeated for any further step. Any prefix is the optimal T-step map.
-PE_TAIL = (1.875, -1.25, 0.375)  # (15 x - 10 x^3 + 3 x^5) / 8: p(1) = 1, p'(1) = p''(1) = 0
-_PE_RAW = [
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-]
-PE_SAFETY = 1.01
-POLAR_EXPRESS = [(a / PE_SAFETY, b / PE_SAFETY**3, c / PE_SAFETY**5) for a, b, c in _PE_RAW] + [PE_TAIL]
-MSIGN_EXACT_STEPS = 12  # fp32 msign for the hard cap / Stiefel: converged for normalized sigma >= 1e-4
-BF16_NS_MARGIN = 0.02   # measured bf16 noise on NS outputs is ~0.6% (bf16 matrix tests, Polar Express
-                        # at 8+ steps: sigma in [0.994, 1.006]); the worst bf16 output measured in tests/test_constraints.py
-                        # stays under this budget
-
-
-# The 145M reference scripts' orthogonalization (ns_coeffs=reference): G / (||G||_F + 1e-7), then these
-# five quintics (nanogpt/train_spectral_cap.py, `orthogonalize`). Their composite's largest output on
-# [0, 1] is 1.14502 (ns_max_stretch), the constant the scripts' soft-cap coupling uses, times 1.05.
-NANOGPT_NS = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
-NANOGPT_NS_EPS = 1e-7
-NANOGPT_NS_STRETCH = 1.14502
-NANOGPT_CAP_MARGIN = 1.05
-NANOGPT_INIT_STD = 0.5    # hidden_init=ns_uniform: entries uniform with std 0.5 / sqrt(d_in) before the NS map
-# ns_coeffs=speedrun: the modded-nanogpt record's (2025-02-01) single quintic, applied ns_steps times after
-# the same G / (||G||_F + 1e-7); chosen for slope at 0, not convergence: on a 1e-6 grid its 5-step composite
-# maps [0.01, 1] into [0.68, 1.13] (largest output 1.20: ns_max_stretch(5, "speedrun")).
-SPEEDRUN_NS = (3.4445, -4.7750, 2.0315)
-
-
-def ns_coefficients(steps: int, kind: str = "polar_express") -> list[tuple[float, float, float]]:
-    if kind == "reference":
-        return NANOGPT_NS[:steps]
-    if kind == "speedrun":
-        return [SPEEDRUN_NS] * steps
-    return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
-
-
-def quintic_composite(x: np.ndarray, coeffs) -> tuple[np.ndarray, np.ndarray]:
-    """The composite of the odd quintics a x + b x^3 + c x^5 of `coeffs` at x (float64) and its
-    derivative: what quintic_steps does to each singular value, in exact arithmetic."""
-    y, dy = x.copy(), np.ones_like(x)
-    for a, b, c in coeffs:
-        dy = dy * (a + 3 * b * y**2 + 5 * c * y**4)
-        y = a * y + b * y**3 + c * y**5
-    return y, dy
-
-
-@functools.cache
-def ns_max_stretch(steps: int, kind: str = "polar_express") -> float:
-    """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
-
-    Derived, not copied: the composite odd polynomial evaluated in float64 on a grid of spacing
-    1e-6, plus the grid's worst-case miss (spacing x the composite's largest slope)."""
-    x = np.linspace(0.0, 1.0, 1_000_001)
-    y, dy = quintic_composite(x, ns_coefficients(steps, kind))
-    return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
-
-
-def _mm_add(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    """beta C + alpha A @ B for matrices or equally shaped stacks (..., m, k) @ (..., k, n): one
-    batched GEMM with the scaling and the sum fused (baddbmm), not three elementwise passes."""
-    def flat(X):
-        return X.reshape(-1, X.size(-2), X.size(-1))
-    return torch.baddbmm(flat(C), flat(A), flat(B), beta=beta, alpha=alpha).reshape(C.shape)
-
-
-def quintic_steps(X: torch.Tensor, coeffs, symmetric: bool = False) -> torch.Tensor:
-    """X <- a X + (b A + c A^2) X for each (a, b, c) of coeffs, with A = X X^T (A = X X for a
-    symmetric X): the odd quintic a x + b x^3 + c x^5 applied to every singular value."""
-    for a, b, c in coeffs:
-        A = X @ X if symmetric else X @ X.mT
-        X = _mm_add(X, _mm_add(A, A, A, b, c), X, a, 1.0)
-    return X
-
-
-def _wide(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(M, False) when M (..., m, n) has m <= n, else (M^T, True): the orientation whose Gram
-    matrix X X^T is the smaller one."""
-    return (M, False) if M.size(-2) <= M.size(-1) else (M.mT, True)
-
-
-def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, kind: str = "polar_express") -> torch.Tensor:
-    """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
-
-    Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
-    by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero.
-    kind=reference / speedrun: the 145M scripts' / the speedrun record's map instead, G / (||G||_F + 1e-7)
-    in `dtype`, then NANOGPT_NS / SPEEDRUN_NS."""
-    X, tall = _wide(G)
-    if kind in ("reference", "speedrun"):
-        X = X.to(dtype)
-        X = quintic_steps(X / (torch.linalg.matrix_norm(X, keepdim=True) + NANOGPT_NS_EPS), ns_coefficients(steps, kind)).float()
-        return X.mT if tall else X
-    X = X.float()
-    top = X.abs().amax(dim=(-2, -1), keepdim=True)  # pre-scale so the Frobenius norm cannot underflow
-    X = X / torch.where(top > 0, top, torch.ones_like(top))
-    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
-    X = quintic_steps(X, ns_coefficients(steps)).float()
-    return X.mT if tall else X
-
-
-POWER_KRYLOV_DIM = 8  # Rayleigh-Ritz space of power_iteration: its last 7 products with M^T M, plus the start
-
-
-def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
-    """Top singular triplet estimate of each matrix in M (..., m, n) from start vectors v (..., n).
-
-    `iters` products with M^T M from v; the last min(iters, POWER_KRYLOV_DIM - 1, n - 1) of them
-    build an orthonormal Krylov basis (Lanczos with full re-orthogonalization: matmuls only, no
-    QR call) and Rayleigh-Ritz picks the best vector in it: never worse than plain power
-    iteration, and ~3x closer when the top of the spectrum is clustered. Returns (u, sigma, v),
-    M v = sigma u. sigma is a lower estimate of sigma_max: use it to steer projections, never in
-    a certificate. An all-zero matrix gives sigma = 0 and keeps v, so a warm start never collapses."""
-    M = M.float()
-    v = F.normalize(v.float(), dim=-1, eps=1e-30).unsqueeze(-1)   # (..., n, 1)
-    iters = max(iters, 1)
-    k = min(iters, POWER_KRYLOV_DIM - 1, M.size(-1) - 1)
-    for _ in range(iters - k):
-        w = M.mT @ (M @ v)
-        v = torch.where(w.norm(dim=-2, keepdim=True) > 0, F.normalize(w, dim=-2, eps=1e-30), v)
-    Q = v
-    for _ in range(k):
-        w = M.mT @ (M @ Q[..., -1:])
-        for _ in range(2):
-            w = w - Q @ (Q.mT @ w)
-        Q = torch.cat([Q, F.normalize(w, dim=-2, eps=1e-30)], dim=-1)   # (..., n, k + 1)
-    MQ = M @ Q
-    y = torch.linalg.eigh(MQ.mT @ MQ).eigenvectors[..., -1:]   # top Ritz vector of the small Gram
-    x = Q @ y
-    v = torch.where(x.norm(dim=-2, keepdim=True) > 0.5, x, v).squeeze(-1)
-    Mv = (M @ v.unsqueeze(-1)).squeeze(-1)
-    return F.normalize(Mv, dim=-1, eps=1e-30), Mv.norm(dim=-1), v
-
-
-def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
-    """sigma_max of each matrix in W (..., m, n) from the float64 Gram matrix on the smaller side
-    (eigvalsh); relative error ~1e-13, used for logging and by the certificate."""
-    X, _ = _wide(W.detach().double())
-    return torch.linalg.eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
-
-
-def rms_scale(W: torch.Tensor) -> float:
-    """sqrt(d_out / d_in): a matrix's RMS->RMS norm is sigma_max(W) / rms_scale(W)."""
-    return math.sqrt(W.size(-2) / W.size(-1))
-
-
-def muon_step_scale(W: torch.Tensor, rule: str) -> float:
-    """Factor of Muon's lr for matrix W (..., d_out, d_in): rms_scale (muon_scale=rms: the update's
-    RMS->RMS norm is lr) or max(1, d_out/d_in)^0.5 (muon_scale=speedrun, the record's)."""
-    if rule == "speedrun":
-        return max(1.0, W.size(-2) / W.size(-1)) ** 0.5
-    return rms_scale(W)
-
-
-def soft_cap_alpha(w_max: float, max_update_norm: float) -> float:
-    """Strength of the spectral soft cap that keeps sigma <= w_max after a step (Theorem 3.1).
-
-    With k = w_max + max_update_norm the largest reachable singular value, alpha is the
-    smallest root >= 0 of f(k) = w_max for f(x) = x - 3a^2 x^5 + 3a^3 x^7 - a^4 x^9, i.e. of
-    -k^9 a^4 + 3k^7 a^3 - 3k^5 a^2 + (k - w_max) = 0."""
-    k = w_max + max_update_norm
-    if k <= w_max:
-        return 0.0
-    roots = np.roots([-k**9, 3 * k**7, -3 * k**5, 0.0, k - w_max])
-    real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
-    # The bound also needs f increasing on [0, k] (else a smaller singular value can land above
-    # w_max): f' = p2'(p1(x)) p1'(x) with p2' > 0 and p1'(x) = 1 - 3 a x^2, so 3 a k^2 < 1.
-    if not real or 3 * real[0] * k**2 >= 1:
-        raise ValueError(f"soft cap cannot bring sigma = {k:.4g} back to w_max = {w_max} with a map that is "
-                         f"increasing up to {k:.4g}: lower the learning rate (max update norm {max_update_norm:.4g})")
-    return float(real[0])
-
-
-# -----------------------------------------------------------------------------
-# Weight constraints: pure functions on the RMS->RMS-scaled matrices M (..., m, n)
-
-
-@dataclass
-class ProjArgs:
-    """What a constraint may use: cap, this step's lr and decay, soft-cap strength, and the
-    power-iteration triplet (u, sigma, v) of M for the methods that need it."""
-    w_max: float
-    lr: float = 0.0
-    wd: float = 0.0
-    alpha: float = 0.0
-    u: torch.Tensor | None = None
-    sigma: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    dtype: torch.dtype = torch.float32  # precision of the soft cap's polynomial (soft_cap_dtype)
-
-
-def _gram_apply(M: torch.Tensor, a: float, b) -> torch.Tensor:
-    """a M + b M M^T M, with the Gram matrix formed on the smaller side; b is a float (one fused
-    GEMM) or a tensor broadcasting over the stack (one b per matrix)."""
-    _, tall = _wide(M)
-    if torch.is_tensor(b):
-        return a * M + b * (M @ (M.mT @ M) if tall else (M @ M.mT) @ M)
-    return _mm_add(M, M, M.mT @ M, a, b) if tall else _mm_add(M, M @ M.mT, M, a, b)
-
-
-def _rank1(p: ProjArgs) -> torch.Tensor:
-    return p.u.unsqueeze(-1) * p.v.unsqueeze(-2)
-
-
-def _bcast(x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(-1).unsqueeze(-1)
-
-
-def c_none(M, p):
-    """No constraint."""
-    return M
-
-
-def c_weight_decay(M, p):
-    """Decoupled, lr-coupled weight decay: M <- (1 - lr wd) M."""
-    return M * (1.0 - p.lr * p.wd)
-
-
-def c_spectral_wd(M, p):
-    """Spectral weight decay: top singular value times (1 - wd)."""
-    return M - p.wd * _bcast(p.sigma) * _rank1(p)
-
-
-def c_spectral_normalize(M, p):
-    """Divide by max(1, sigma_1 / w_max); sigma_1 is the power-iteration (lower) estimate."""
-    return M / _bcast(torch.clamp(p.sigma / p.w_max, min=1.0))
-
-
-def c_spectral_hammer(M, p):
-    """Set the top singular value to w_max (one direction, from power iteration; no guarantee
-    on the others, which may stay above w_max)."""
-    return M + _bcast(p.w_max - p.sigma) * _rank1(p)
-
-
-def c_soft_cap(M, p):
-    """Two odd cubics x - a x^3 then x + a x^3 on every singular value (alpha from the coupling:
-    a float, or one value per matrix of the stack when their learning rates differ)."""
-    if not torch.is_tensor(p.alpha) and p.alpha == 0.0:
-        return M
-    X, a = M.to(p.dtype), p.alpha.to(p.dtype) if torch.is_tensor(p.alpha) else p.alpha
-    X = _gram_apply(X, 1.0, -a)
-    return _gram_apply(X, 1.0, a).to(M.dtype)
-
-
-# Exact hard cap, all on the m x m Gram matrix G = X X^T of X = M / cap (wide orientation).
-# With B = G - I and S = sign(B) (Su's de-nesting: sign(sigma - 1) = sign(sigma^2 - 1)),
-# C = (G + I + B S) / 2 has eigenvalues max(sigma^2, 1), so C^{-1/2} X = U min(sigma, 1) V^T.
-# C >= I is well conditioned: C^{-1/2} never amplifies rounding (unlike msign(X) on tiny
-# singular values), and the only m x n products are G and the final C^{-1/2} X.
-HARD_CAP_TOL = 1e-3        # relative accuracy the step counts below are derived for
-HARD_CAP_PASS_RANGE = 2.0  # one pass handles sigma_max <= 2 cap; larger inputs get a cascade
-
-
-@functools.cache
-def _sign_steps(norm_bound: float) -> int:
-    """Polar Express steps for sign(B) with eigenvalues |b| <= norm_bound: a wrong sign fraction e
-    at b moves the output singular value by ~ e |b| / 4, so require e(x) x <= TOL / norm_bound."""
-    x = np.logspace(-12, 0, 4000) / PE_SAFETY
-    steps = 1
-    while (np.abs(1 - quintic_composite(x, ns_coefficients(steps))[0]) * x).max() > HARD_CAP_TOL / norm_bound:
-        steps += 1
-    return steps
-
-
-def _inv_sqrt_steps(s_min: float) -> int:
-    """Quintic steps taking every normalized singular value in [s_min, 1] to 1 within 1e-7."""
-    s, steps = s_min, 0
-    while s > 0 and 1 - s > 1e-7:
-        s, steps = s * (PE_TAIL[0] + PE_TAIL[1] * s**2 + PE_TAIL[2] * s**4), steps + 1
-    return steps
-
-
-def _gram_upper_bound(G: torch.Tensor) -> torch.Tensor:
-    """Upper bound on lambda_max of each PSD G (..., m, m): the Schatten-16 norm, computed on
-    G / ||G||_F so that nothing overflows; at most m^(1/16) (1.5 for m = 768) times too large."""
-    f = torch.linalg.matrix_norm(G, keepdim=True)
-    P = G / (f + 1e-30)
-    for _ in range(3):
-        P = P @ P
-    return f * torch.linalg.matrix_norm(P, keepdim=True) ** 0.125
-
-
-def _sym_sign(B: torch.Tensor, steps: int) -> torch.Tensor:
-    """sign(B) of symmetric B (..., m, m) with spectral norm <= 1 (Polar Express steps)."""
-    B = quintic_steps(B, ns_coefficients(steps), symmetric=True)
-    return 0.5 * (B + B.mT)
-
-
-def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tensor) -> torch.Tensor:
-    """U min(sigma, cap) V^T of wide X (..., m, n) with Gram G = X X^T, given sigma_max(X) <= rho cap."""
-    G = G / cap**2
-    eye = torch.eye(G.size(-1), device=G.device, dtype=G.dtype)
-    nb = max(1.0, rho**2 - 1.0) * 1.01               # ||G - I||_2 <= max(1, lambda_max - 1), 1% rounding slack
-    B = G - eye
-    S = _sym_sign(B / nb, _sign_steps(math.ceil(nb * 100) / 100))
-    C = 0.5 * (G + eye + B @ S)
-    C = 0.5 * (C + C.mT)
-    nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
-    A, Q = C / nu, None
-    a, b, c = PE_TAIL
-    steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)  # >= 1: nu > 1
-    for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
-        P = _mm_add(b * A + a * eye, A, A, 1.0, c)
-        Q = P if Q is None else P @ Q
-        if i < steps - 1:
-            A = P @ (P @ A)
-    return (Q @ X) / math.sqrt(nu)
-
-
-def c_hard_cap(M, p):
-    """Exact min(sigma, w_max) on every singular value (to HARD_CAP_TOL relative, fp32).
-
-    Su's de-nested sign formula on the Gram matrix (see the comment above). Inputs with
-    sigma_max > HARD_CAP_PASS_RANGE w_max (bounded by the Schatten-16 norm, one host sync) are
-    first clipped at geometrically decreasing caps; clipping at c >= w_max and then at w_max
-    equals clipping at w_max, so the cascade is exact and each pass sees a bounded range."""
-    X, tall = _wide(M.float())
-    w = float(p.w_max)
-    G = X @ X.mT
-    ub = _gram_upper_bound(G).sqrt() * (1 + 1e-3) / w   # sigma_max / w_max, with fp32 slack
-    top = float(ub.max())
-    if top <= 1.0:  # every matrix certifiably within the cap: left bitwise unchanged
-        return M
-    R = HARD_CAP_PASS_RANGE
-    passes = 1 if top <= R else math.ceil(math.log(top) / math.log(R))
-    for k in range(1, passes + 1):
-        caps = torch.clamp(ub / R**k, min=1.0) if k < passes else torch.ones_like(ub)
-        rho = min(top, R * (1 + 2 * HARD_CAP_TOL)) if passes > 1 else top
-        X = _hard_cap_pass(X, caps * w, max(rho, 1.0), G if k == 1 else X @ X.mT)
-    X = X.mT if tall else X
-    return torch.where(ub <= 1.0, M, X.to(M.dtype))  # ub is (..., 1, 1): per matrix of the stack
-
-
-# The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
-# X = M / w_max without normalization. Measured in float64 on a 1e-5 grid: error 0.034 on [0, 1.5]
-# (h(1) = 0.966); max of h on [0, x] is 1.0109 for every x <= 4.05 and then explodes (sign flip
-# near 4.06, h(4.5) ~ 3e81). The limit is applied to the power-iteration sigma, a lower estimate
-# (a few % low when cold): 3.5 leaves a 15% margin below 4.05.
-HARD_CAP_POLY = [(0.805032, 0.206361, -0.019763), (0.649867, 0.162935, -0.011150),
-                 (1.810259, -0.200265, 0.008251), (1.004384, -0.183490, 0.014413)]
-HARD_CAP_POLY_MAX_INPUT = 3.5  # sigma / w_max
-HARD_CAP_POLY_MAX_OUTPUT = 1.011  # sup of h on [0, 4.05]: the polynomial's own overshoot of the cap
-
-
-def c_hard_cap_poly(M, p):
-    """The paper's fixed hard-cap polynomial (reproduction only; refuses sigma > 3.5 w_max)."""
-    ratio = float((p.sigma / p.w_max).max())
-    if ratio > HARD_CAP_POLY_MAX_INPUT:
-        raise ValueError(f"hard_cap_poly is only valid for sigma_max <= {HARD_CAP_POLY_MAX_INPUT} w_max, got ~{ratio:.3g} w_max; "
-                         "use constraint hard_cap (exact) instead")
-    X, tall = _wide(M.float() / p.w_max)
-    X = quintic_steps(X, HARD_CAP_POLY)
-    return (X.mT if tall else X) * p.w_max
-
-
-def c_stiefel(M, p):
-    """All singular values to w_max: w_max msign(M) (fp32, 12 steps: exact for singular values
-    >= 4e-5 ||M||_F; smaller ones come out between 0 and w_max; a zero matrix stays zero)."""
-    return msign(M, MSIGN_EXACT_STEPS, torch.float32) * p.w_max
-
-
-def c_svd_clip(M, p):
-    """Exact reference: SVD, clip singular values at w_max, recompose (float64; a matrix within the
-    cap comes back bitwise unchanged, the float64 round trip being far below fp32's rounding)."""
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    return ((U * S.clamp(max=p.w_max).unsqueeze(-2)) @ Vh).to(M.dtype)
-
-
-CONSTRAINTS = {
-    "none": c_none, "weight_decay": c_weight_decay, "spectral_wd": c_spectral_wd,
-    "spectral_normalize": c_spectral_normalize, "spectral_hammer": c_spectral_hammer,
-    "soft_cap": c_soft_cap, "hard_cap": c_hard_cap, "hard_cap_poly": c_hard_cap_poly,
-    "stiefel": c_stiefel, "svd_clip": c_svd_clip,
-}
-NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer", "hard_cap_poly"}
-# Methods after which sigma_max <= w_max holds (hard_cap, stiefel, svd_clip: to 1e-3 relative;
-# soft_cap: by Theorem 3.1 given the coupling). spectral_normalize is not among them: it holds
-# only as far as the power-iteration sigma_1 is exact, and the warm-started estimate lags a
-# clustered top by up to ~0.9% under Muon-sized steps (scripts/bench_constraints.py).
-GUARANTEED = {"soft_cap", "hard_cap", "stiefel", "svd_clip"}
-
-
-def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: float, v: torch.Tensor | None,
-                    iters: int, max_update_norm: float) -> ProjArgs:
-    """What constraint `name` needs for the stack M: the power-iteration triplet (from start
-    vectors v, `iters` products) and the soft-cap strength for updates of norm <= max_update_norm."""
-    args = ProjArgs(w_max=w_max, lr=lr, wd=wd)
-    if name in NEEDS_POWER_ITERATION:
-        args.u, args.sigma, args.v = power_iteration(M, v, iters)
-    if name == "soft_cap":
-        if torch.is_tensor(max_update_norm):  # one strength per matrix (per-matrix learning rates)
-            flat = max_update_norm.flatten().tolist()
-            alphas = {x: soft_cap_alpha(w_max, x) for x in set(flat)}
-            args.alpha = torch.tensor([alphas[x] for x in flat], device=M.device).view_as(max_update_norm)
-        else:
-            args.alpha = soft_cap_alpha(w_max, max_update_norm)
-    return args
-
-
-def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
-    """Each row with RMS above cap scaled to RMS cap (1 - 2 eps of W's dtype); every other row is
-    returned bitwise unchanged: embedding rows (and a non-spectral head).
-
-    Idempotent in floating point: the RMS is accumulated in float64 (error ~1e-16), and a scaled row's
-    true RMS is at most cap (1 - 2 eps)(1 + eps / 2)^2 < cap (the factor and the product each round
-    once in W's dtype), so projecting again finds it within the cap and leaves it alone; rows no token
-    touched never move."""
-    rms = torch.linalg.vector_norm(W, dim=-1, keepdim=True, dtype=torch.float64) / math.sqrt(W.size(-1))
-    factor = (cap * (1 - 2 * torch.finfo(W.dtype).eps) / rms).to(W.dtype)
-    return torch.where(rms > cap, W * factor, W)
-
-
-def normalize_rows(G: torch.Tensor, max_inflation: float) -> torch.Tensor:
-    """Each row of G divided by max(RMS(row), 1 / max_inflation): rows to RMS 1, small rows scaled
-    up at most max_inflation times, zero rows (tokens absent from the batch) stay zero. The
-    duality map of the embedding in Modula: the steepest direction under a max-row-RMS norm."""
-    rms = G.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return G / torch.clamp(rms, min=1.0 / max_inflation).to(G.dtype)
-
-
-# -----------------------------------------------------------------------------
-# Optimizer: Muon or AdamW on matrices, then the constraint; sharded over ranks
-
-
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def max_update_norm(lr, ns_steps: int = 5, coupling: str = "exact", scale: float = 1.0, ns_kind: str = "polar_express"):
-    """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one Muon update,
-    lr x the NS polynomial's largest stretch (with the bf16 margin). reference: the Shakespeare reference
-    code's lr / sqrt(d_out/d_in) (its Linear.project divides the RMS->RMS norm by the scale again, and
-    assumes no stretch). nanogpt: the 145M scripts' lr x 1.14502 x 1.05."""
-    if coupling == "nanogpt":
-        return lr * NANOGPT_NS_STRETCH * NANOGPT_CAP_MARGIN
-    return lr * (ns_max_stretch(ns_steps, ns_kind) * (1 + BF16_NS_MARGIN)) if coupling == "exact" else lr / scale
-
-
-def any_rank(flag: bool, device) -> bool:
-    """Collective: whether flag is true on any rank (the flag itself without a process group)."""
-    if dist_info()[1] == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def gather_owned(params: list, mine: list, shape: tuple, dtype: torch.dtype) -> list:
-    """Collective: entry i (of `shape`) of params[i], whose owner is rank i % world; each rank passes
-    the entries of params[rank::world] in order as mine, and every rank gets all of them."""
-    _, world = dist_info()
-    K, device = -(-len(params) // world), params[0].device
-    buf = torch.zeros((K,) + shape, device=device, dtype=dtype)
-    if mine:
-        buf[: len(mine)] = torch.stack(mine)
-    out = torch.empty((world * K,) + shape, device=device, dtype=dtype)
-    dist.all_gather_into_tensor(out, buf)
-    return [out[(i % world) * K + i // world] for i in range(len(params))]
-
-
-class MatrixOptimizer(torch.optim.Optimizer):
-    """Muon (or AdamW) on 2-D (and stacked 3-D) weights, then the weight constraint of each group:
-    W <- project(W - lr scale msign(momentum)). Settings come from the run's Config (optimizer,
-    momentum, ns_steps, ns_coeffs, muon_scale, constraint, power_iters, wd, soft_cap_coupling, ...);
-    a group may set its own lr, w_max and constraint. A group with rows=True (the embedding under
-    embed_update=rownorm) steps along the row-normalized momentum instead (each row's update has RMS
-    lr) and is projected to row RMS <= its w_max. `shares` maps a parameter to a tensor of shape
-    p.shape[:-2]: its matrices step at lr x share (lr_alloc=modula).
-
-    Same-shaped matrices of a group are stacked and processed in one batched call. Under
-    torch.distributed, matrix i of a stack is owned by rank i % world: the owner computes its
-    update and projection, then the new weights and power-iteration vectors are all-gathered,
-    so every rank ends the step with bitwise identical weights. Momentum and Adam moments live
-    on the owner only; `matrix_optimizer_state` collects them for checkpoints."""
-
-    def __init__(self, params_groups, cfg: Config, shares: dict | None = None):
-        super().__init__(params_groups, dict(lr=0.0, w_max=cfg.w_max, constraint=cfg.constraint, momentum=cfg.momentum))
-        self.cfg, self.shares = cfg, shares or {}
-        self.ns_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
-        self.cap_dtype = torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32
-        self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
-
-    @torch.no_grad()
-    def step(self):
-        rank, world = dist_info()
-        pid = 0
-        for group in self.param_groups:
-            for shape, params in matrix_stacks(group):
-                mine, new_w, new_v = params[rank::world], [], []
-                if mine:
-                    new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
-                if world > 1:
-                    new_w = gather_owned(params, new_w, shape, params[0].dtype)
-                    if group["constraint"] in NEEDS_POWER_ITERATION:
-                        new_v = [v.clone() for v in gather_owned(params, new_v, *state_entry_layout("v", params[0]))]
-                torch._foreach_copy_(params, new_w)
-                for p, v in zip(params, new_v):  # power-iteration vectors: empty unless the constraint needs them
-                    self.state[p]["v"] = v
-                pid += len(params)
-
-    def _update(self, params, group, ids):
-        """One step of a stack of same-shaped matrices (this rank's): the update, then the projection."""
-        cfg, lr, states = self.cfg, self._lr(params, group["lr"]), [self.state[p] for p in params]
-        W = torch.stack(params).float()
-        G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
-        if cfg.optimizer == "muon":
-            mu = group["momentum"]
-            buf = stacked_state(states, "momentum_buffer", G).lerp_(G, 1 - mu)
-            m = G.lerp_(buf, mu) if cfg.nesterov else buf  # Nesterov look-ahead (G is this call's own copy), or the EMA
-            if group.get("rows"):
-                upd, step = normalize_rows(m, cfg.embed_max_inflation), lr
-            else:
-                upd, step = msign(m, cfg.ns_steps, self.ns_dtype, cfg.ns_coeffs), lr * muon_step_scale(W, cfg.muon_scale)
-            if torch.is_tensor(step):  # per-matrix learning rates
-                W.sub_(upd * step)
-            else:
-                W.add_(upd, alpha=-step)
-        else:  # adamw: the decay is the constraint 'weight_decay'
-            W = W - lr * adam_direction(G, states, cfg)
-        self.mark("update")
-        if group.get("rows"):
-            W, v = project_rows(W, group["w_max"]), None
-        else:
-            v, iters = self._power_start(params, states, ids) if group["constraint"] in NEEDS_POWER_ITERATION else (None, 0)
-            W, v = project(W, group["constraint"], group["w_max"], lr, cfg.wd, self.max_update_norm(lr, rms_scale(W)),
-                           v, iters, self.cap_dtype)
-        self.mark("constraint")
-        return list(W), [] if v is None else list(v)
-
-    def max_update_norm(self, lr, scale: float = 1.0):
-        """The update norm the soft cap of a matrix with rms_scale `scale` is coupled to."""
-        return max_update_norm(lr, self.cfg.ns_steps, self.cfg.soft_cap_coupling, scale, self.cfg.ns_coeffs)
-
-    def _lr(self, params, lr: float):
-        """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
-        if not any(p in self.shares for p in params):
-            return lr
-        sh = torch.stack([self.shares.get(p, torch.ones(p.shape[:-2])).to(p.device, torch.float32) for p in params])
-        return (lr * sh)[..., None, None]
-
-    def _power_start(self, params, states, ids):
-        """Start vectors of the power iteration: last step's (warm, power_iters products) or seeded ones (32)."""
-        if "v" in states[0]:
-            return torch.stack([s["v"] for s in states]), self.cfg.power_iters
-        return torch.stack([power_start_vector(p, i) for p, i in zip(params, ids)]), 32
-
-
-def project(W: torch.Tensor, name: str, w_max: float, lr=0.0, wd: float = 0.0, update_norm=0.0,
-            v: torch.Tensor | None = None, iters: int = 0, dtype: torch.dtype = torch.float32):
-    """Constraint `name` (a key of CONSTRAINTS) on each matrix of W (..., d_out, d_in), applied to its
-    RMS->RMS-scaled form M = W / sqrt(d_out/d_in) so that w_max caps the RMS->RMS norm. What the methods
-    need comes with it: this step's lr and wd, the soft cap's strength for updates of norm <= update_norm
-    (computed in `dtype`), and for the power-iteration methods `iters` products from start vectors v.
-    Returns the new W and the new power-iteration vectors (None when the method uses none)."""
-    scale = rms_scale(W)
-    M = W / scale
-    args = constraint_args(name, M, w_max, lr, wd, v, iters, update_norm)
-    args.dtype = dtype
-    M = CONSTRAINTS[name](M.float(), args)
-    return (M * scale).to(W.dtype), args.v
-
-
-# -----------------------------------------------------------------------------
-# The optimizer's machinery: stacks, state, Adam's direction, checkpointed state
-
-
-def matrix_stacks(group) -> list:
-    """(shape, params) of a group's parameters by shape, in a fixed order (a 3-D param is a stack of matrices)."""
-    by_shape: dict[tuple, list] = {}
-    for p in group["params"]:
-        by_shape.setdefault(tuple(p.shape), []).append(p)
-    return list(by_shape.items())
-
-
-def power_start_vector(p, idx: int) -> torch.Tensor:
-    """Seeded start vectors of the power iteration of parameter p (one per matrix), the same on every rank."""
-    g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
-    return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
-
-
-def state_entry_layout(key: str, p) -> tuple:
-    """(shape, dtype) of optimizer state entry `key` of parameter p: Adam's step count, the power-iteration
-    vectors (one per matrix of p) or a tensor shaped like p."""
-    layouts = {"t": ((), torch.int64), "v": (tuple(p.shape[:-2]) + (p.size(-1),), torch.float32)}
-    return layouts.get(key, (tuple(p.shape), torch.float32))
-
-
-def stacked_state(states, key, like):
-    """One stacked tensor of a state entry (zeros where missing) whose rows are the per-param
-    entries (views): reused as is on the next step unless an entry was replaced (a loaded
-    checkpoint), so a step neither stacks the state nor splits it back."""
-    bufs = [s.get(key) for s in states]
-    base = bufs[0]._base if bufs[0] is not None else None
-    if base is not None and base.shape == like.shape and all(
-            b is not None and b._base is base and b.data_ptr() == base[i].data_ptr() for i, b in enumerate(bufs)):
-        return base
-    base = torch.stack([b if b is not None else torch.zeros_like(g) for b, g in zip(bufs, like)])
-    for s, b in zip(states, base):
-        s[key] = b
-    return base
-
-
-def adam_direction(G: torch.Tensor, states: list, cfg: Config) -> torch.Tensor:
-    """AdamW's bias-corrected m / (sqrt(v) + eps) for the stacked gradients G (optimizer=adamw)."""
-    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
-    m = stacked_state(states, "exp_avg", G).lerp_(G, 1 - b1)
-    v2 = stacked_state(states, "exp_avg_sq", G).mul_(b2).addcmul_(G, G, value=1 - b2)
-    t = states[0].get("t", 0) + 1
-    for s in states:
-        s["t"] = t
-    return (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + cfg.adam_eps)
-
-
-def matrix_optimizer_state(opt: MatrixOptimizer) -> dict:
-    """Optimizer state of every matrix, gathered from its owner rank (collective call)."""
-    rank, world = dist_info()
-    out = {}
-    for group in opt.param_groups:
-        keys = ("momentum_buffer",) if opt.cfg.optimizer == "muon" else ("exp_avg", "exp_avg_sq", "t")
-        keys += ("v",) if group["constraint"] in NEEDS_POWER_ITERATION else ()
-        for shape, params in matrix_stacks(group):
-            entries = [{} for _ in params]
-            for key in keys:
-                mine = [opt.state.get(p, {}).get(key) for p in params[rank::world]]
-                if world > 1:  # every owner has the key (a stack steps together) or none has: before step 1
-                    if any_rank(any(t is None for t in mine), params[0].device):
-                        continue
-                    mine = gather_owned(params, [torch.as_tensor(t, device=params[0].device) for t in mine],
-                                        *state_entry_layout(key, params[0]))
-                for e, t in zip(entries, mine):
-                    if t is not None:
-                        e[key] = int(t) if key == "t" else t.detach().cpu().clone()
-            for e in entries:
-                out[str(len(out))] = e
-    return {"state": out}
-
-
-def load_matrix_optimizer_state(opt: MatrixOptimizer, sd: dict) -> None:
-    """The inverse of matrix_optimizer_state (every rank loads every entry)."""
-    pid = 0
-    for group in opt.param_groups:
-        for shape, params in matrix_stacks(group):
-            for p in params:
-                entry = sd["state"].get(str(pid), {})
-                opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
-                pid += 1
-
-
-# -----------------------------------------------------------------------------
-# Per-module step sizes: Modula's masses and sensitivities (lr_alloc=modula)
-#
-# Modula (Large et al. 2024, "Scalable Optimization in the Modular Norm", arXiv 2405.14813) splits
-# one update budget t over a network by two numbers per module: its mass (every matrix 1, the
-# blocks together scaled to blocks_mass) and its sensitivity (a matrix 1, a scalar multiplier c:
-# c; a composition the product; branches that meet in a sum, or in attention's q-k-v product, the
-# sum). Branches get t x their mass fraction; in a composition f_n o ... o f_1, part f_i gets
-# t x (its mass fraction) / (sensitivities of f_{i+1} .. f_n): what comes after amplifies it.
-# Then every matrix's update moves the output by at most t in total. The tree below mirrors this
-# file's forward pass (residual_coeffs, attn_out_factor, softmax_scale, final_scale); a node is
-# ("atom", name, mass), ("scale", c), ("seq", children in order of application) or ("par", children).
-
-
-def modula_tree(cfg: Config) -> tuple:
-    L = cfg.n_layer
-    m = cfg.blocks_mass / (6 * L)  # six matrices per layer share the blocks' mass
-    skip, branch = residual_coeffs(cfg)
-
-    def residual(f):
-        return ("par", [("scale", skip), ("seq", [f, ("scale", branch)])])
-
-    layers = []
-    for i in range(L):
-        p = f"blocks.{i}."
-        scores = ("seq", [("par", [("atom", p + "attn.q", m), ("atom", p + "attn.k", m)]), ("scale", cfg.softmax_scale)])
-        attn = ("seq", [("par", [("atom", p + "attn.v", m), scores]), ("scale", attn_out_factor(cfg)), ("atom", p + "attn.proj", m)])
-        mlp = ("seq", [("atom", p + "mlp.fc", m), ("scale", 1.0), ("atom", p + "mlp.proj", m)])  # gelu / GELU_MAX_SLOPE: 1
-        layers += [residual(attn), residual(mlp)]
-    return ("seq", [("atom", "embed.weight", 1.0), *layers, ("atom", "head", 1.0), ("scale", cfg.final_scale)])
-
-
-def _mass(n) -> float:
-    return n[2] if n[0] == "atom" else 0.0 if n[0] == "scale" else sum(_mass(c) for c in n[1])
-
-
-def _sensitivity(n) -> float:
-    if n[0] in ("atom", "scale"):
-        return 1.0 if n[0] == "atom" else n[1]
-    s = [_sensitivity(c) for c in n[1]]
-    return math.prod(s) if n[0] == "seq" else sum(s)
-
-
-def _allocate(n, t: float, out: dict) -> None:
-    if n[0] == "atom":
-        out[n[1]] = t
-    elif n[0] != "scale":
-        total = _mass(n)
-        for i, c in enumerate(n[1]):
-            after = math.prod(_sensitivity(d) for d in n[1][i + 1:]) if n[0] == "seq" else 1.0
-            _allocate(c, t * _mass(c) / total / after, out)
-
-
-def modula_shares(cfg: Config) -> dict[str, float]:
-    """Each matrix's share of the update under Modula's rules (keys as matrix_norms: q, k, v apart)."""
-    out: dict[str, float] = {}
-    _allocate(modula_tree(cfg), 1.0, out)
-    return out
-
-
-def lr_shares(model, cfg: Config) -> dict:
-    """{parameter: tensor of shape p.shape[:-2]} of lr multipliers; empty for lr_alloc=uniform."""
-    if cfg.lr_alloc == "uniform":
-        return {}
-    sh = modula_shares(cfg)
-    return {p: torch.tensor([sh[k] for k, _ in named_matrices({name: p})]).view(p.shape[:-2])
-            for name, p in model.named_parameters()}
-
-
 # -----------------------------------------------------------------------------
 # Model: Lipschitz GPT (and the baseline with norms put back)
 
@@ -1094,91 +232,12 @@ def rope_tables(seq_len: int, head_dim: int, dtype: torch.dtype = torch.float32,
     return ang.cos(), ang.sin()
 
 
-# -----------------------------------------------------------------------------
-# Attention masks: causal, within documents, in a block-wise window that grows over the steps.
-# The 145M reference scripts' FlexAttention masks, as a rule on token pairs: query q sees key k iff
-# k <= q, both lie in the same document (documents begin at doc_token), and k's block of ATTN_BLOCK
-# tokens is among the last W blocks up to q's (W = window_blocks, at least 1; short layers W // 2).
-# On CUDA a FlexAttention BlockMask, elsewhere the same rule as a dense boolean mask for SDPA.
-
-ATTN_BLOCK = 128      # FlexAttention block of the reference scripts; windows are whole blocks
-WINDOW_GROWTH = 1728  # the scripts' window: smallest multiple of ATTN_BLOCK >= 1728 x step / num_steps (128 -> 1792)
-
-
-def masked_attention(cfg) -> bool:
-    return cfg.doc_token >= 0 or cfg.window_schedule != "none"
-
-
-def val_len(cfg) -> int:
-    return cfg.val_seq_len or cfg.seq_len
-
-
-def window_blocks(step: int, cfg) -> int | None:
-    """Window of a long layer at `step`, in blocks (its own block and the ones before), or None (no window)."""
-    if cfg.window_schedule == "none":
-        return None
-    return max(1, math.ceil(WINDOW_GROWTH * (step / cfg.num_steps) / ATTN_BLOCK))
-
-
-def layer_windows(step: int, cfg) -> list:
-    """Window of each layer at `step`: long layers (L) window_blocks, short ones (S) half of it, >= 1 block."""
-    w = window_blocks(step, cfg)
-    return [w if w is None or c == "L" else max(1, w // 2) for c in (cfg.layer_pattern or "L" * cfg.n_layer)]
-
-
-def doc_ids(idx: torch.Tensor, doc_token: int) -> torch.Tensor:
-    """Document index of every position of idx (..., T): the number of doc_tokens up to and including it."""
-    if doc_token < 0:
-        return torch.zeros_like(idx, dtype=torch.int32)
-    return (idx == doc_token).cumsum(-1, dtype=torch.int32)
-
-
-def mask_rule(q, k, doc_q, doc_k, window: int | None):
-    """Whether query position q may attend to key position k (broadcasting tensors)."""
-    ok = (k <= q) & (doc_q == doc_k)
-    return ok if window is None else ok & (q // ATTN_BLOCK - k // ATTN_BLOCK < window)
-
-
-def dense_mask(docs: torch.Tensor, window: int | None) -> torch.Tensor:
-    """mask_rule for every pair of a batch of sequences: bool (B, 1, T, T), True = attend (for SDPA)."""
-    pos = torch.arange(docs.size(-1), device=docs.device)
-    return mask_rule(pos[:, None], pos[None, :], docs[:, :, None], docs[:, None, :], window)[:, None]
-
-
-def flex_block_mask(docs: torch.Tensor, window: int | None):
-    """mask_rule as a FlexAttention BlockMask for docs (B, T), T a multiple of ATTN_BLOCK. Blocks are
-    classified from each block's first and last document index (documents are contiguous): a key
-    block is skipped, fully visible, or partial (mask_rule is applied inside)."""
-    from torch.nn.attention.flex_attention import BlockMask
-    B, T = docs.shape
-    n = T // ATTN_BLOCK
-    blocks = docs.reshape(B, n, ATTN_BLOCK)
-    lo, hi = blocks[..., 0], blocks[..., -1]
-    i = torch.arange(n, device=docs.device)
-    near = (i[:, None] - i[None, :] < window) if window is not None else torch.ones(n, n, dtype=torch.bool, device=docs.device)
-    same_any = (lo[:, :, None] <= hi[:, None, :]) & (hi[:, :, None] >= lo[:, None, :])
-    same_all = (lo[:, :, None] == hi[:, None, :]) & (hi[:, :, None] == lo[:, None, :])
-    full = (i[:, None] > i[None, :]) & same_all & near
-    partial = (i[:, None] >= i[None, :]) & same_any & near & ~full
-
-    def ordered(blocks):  # (B, 1, n) counts and (B, 1, n, n) indices, the visible blocks first
-        order = blocks.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
-        return blocks.sum(-1, dtype=torch.int32)[:, None].contiguous(), order.to(torch.int32)[:, None].contiguous()
-
-    # The whole rule again token by token (the eager path reads only this); the window as a tensor, so
-    # that compiled kernels see an input, not a constant that changes with the step (no recompiles).
-    win = None if window is None else torch.tensor(window, device=docs.device)
-
-    def mask_mod(b, h, q, k):
-        return mask_rule(q, k, docs[b, q], docs[b, k], win)
-
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=ATTN_BLOCK, mask_mod=mask_mod)
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) of the two halves of each head: an orthogonal map, so Lipschitz-neutral."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[None, : x.size(1), None, :], sin[None, : x.size(1), None, :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
 def attend(q, k, v, scale: float, mask=None, dropout: float = 0.0):
@@ -1192,14 +251,6 @@ def attend(q, k, v, scale: float, mask=None, dropout: float = 0.0):
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
     from torch.nn.attention.flex_attention import flex_attention
     return flex_attention(q, k, v, block_mask=mask, scale=scale)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate pairs (x1, x2) of the two halves of each head: an orthogonal map, so Lipschitz-neutral."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos[None, : x.size(1), None, :], sin[None, : x.size(1), None, :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
 def rms_norm(x):
@@ -1396,6 +447,902 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def make_model(cfg: Config) -> GPT:
+    """The model of cfg.arch: SpeedrunGPT for speedrun, else GPT."""
+    return SpeedrunGPT(cfg) if cfg.arch == "speedrun" else GPT(cfg)
+
+
+# -----------------------------------------------------------------------------
+# Muon and the projection: after every step, each matrix W <- project(W - lr scale msign(momentum))
+# (MatrixOptimizer._update); msign by Newton-Schulz; the default projection, the soft cap, with its
+# strength from Theorem 3.1; embedding rows to RMS <= emb_w_max. The other constraints: Part 2
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Muon (or AdamW) on 2-D (and stacked 3-D) weights, then the weight constraint of each group:
+    W <- project(W - lr scale msign(momentum)). Settings come from the run's Config (optimizer,
+    momentum, ns_steps, ns_coeffs, muon_scale, constraint, power_iters, wd, soft_cap_coupling, ...);
+    a group may set its own lr, w_max and constraint. A group with rows=True (the embedding under
+    embed_update=rownorm) steps along the row-normalized momentum instead (each row's update has RMS
+    lr) and is projected to row RMS <= its w_max. `shares` maps a parameter to a tensor of shape
+    p.shape[:-2]: its matrices step at lr x share (lr_alloc=modula).
+
+    Same-shaped matrices of a group are stacked and processed in one batched call. Under
+    torch.distributed, matrix i of a stack is owned by rank i % world: the owner computes its
+    update and projection, then the new weights and power-iteration vectors are all-gathered,
+    so every rank ends the step with bitwise identical weights. Momentum and Adam moments live
+    on the owner only; `matrix_optimizer_state` collects them for checkpoints."""
+
+    def __init__(self, params_groups, cfg: Config, shares: dict | None = None):
+        super().__init__(params_groups, dict(lr=0.0, w_max=cfg.w_max, constraint=cfg.constraint, momentum=cfg.momentum))
+        self.cfg, self.shares = cfg, shares or {}
+        self.ns_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+        self.cap_dtype = torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32
+        self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = dist_info()
+        pid = 0
+        for group in self.param_groups:
+            for shape, params in matrix_stacks(group):
+                mine, new_w, new_v = params[rank::world], [], []
+                if mine:
+                    new_w, new_v = self._update(mine, group, [pid + rank + world * j for j in range(len(mine))])
+                if world > 1:
+                    new_w = gather_owned(params, new_w, shape, params[0].dtype)
+                    if group["constraint"] in NEEDS_POWER_ITERATION:
+                        new_v = [v.clone() for v in gather_owned(params, new_v, *state_entry_layout("v", params[0]))]
+                torch._foreach_copy_(params, new_w)
+                for p, v in zip(params, new_v):  # power-iteration vectors: empty unless the constraint needs them
+                    self.state[p]["v"] = v
+                pid += len(params)
+
+    def _update(self, params, group, ids):
+        """One step of a stack of same-shaped matrices (this rank's): the update, then the projection."""
+        cfg, lr, states = self.cfg, self._lr(params, group["lr"]), [self.state[p] for p in params]
+        W = torch.stack(params).float()
+        G = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).float()
+        if cfg.optimizer == "muon":
+            mu = group["momentum"]
+            buf = stacked_state(states, "momentum_buffer", G).lerp_(G, 1 - mu)
+            m = G.lerp_(buf, mu) if cfg.nesterov else buf  # Nesterov look-ahead (G is this call's own copy), or the EMA
+            if group.get("rows"):
+                upd, step = normalize_rows(m, cfg.embed_max_inflation), lr
+            else:
+                upd, step = msign(m, cfg.ns_steps, self.ns_dtype, cfg.ns_coeffs), lr * muon_step_scale(W, cfg.muon_scale)
+            if torch.is_tensor(step):  # per-matrix learning rates
+                W.sub_(upd * step)
+            else:
+                W.add_(upd, alpha=-step)
+        else:  # adamw: the decay is the constraint 'weight_decay'
+            W = W - lr * adam_direction(G, states, cfg)
+        self.mark("update")
+        if group.get("rows"):
+            W, v = project_rows(W, group["w_max"]), None
+        else:
+            v, iters = self._power_start(params, states, ids) if group["constraint"] in NEEDS_POWER_ITERATION else (None, 0)
+            W, v = project(W, group["constraint"], group["w_max"], lr, cfg.wd, self.max_update_norm(lr, rms_scale(W)),
+                           v, iters, self.cap_dtype)
+        self.mark("constraint")
+        return list(W), [] if v is None else list(v)
+
+    def max_update_norm(self, lr, scale: float = 1.0):
+        """The update norm the soft cap of a matrix with rms_scale `scale` is coupled to."""
+        return max_update_norm(lr, self.cfg.ns_steps, self.cfg.soft_cap_coupling, scale, self.cfg.ns_coeffs)
+
+    def _lr(self, params, lr: float):
+        """lr of each matrix of a stack: the float lr, or a (K, ..., 1, 1) tensor of lr x share."""
+        if not any(p in self.shares for p in params):
+            return lr
+        sh = torch.stack([self.shares.get(p, torch.ones(p.shape[:-2])).to(p.device, torch.float32) for p in params])
+        return (lr * sh)[..., None, None]
+
+    def _power_start(self, params, states, ids):
+        """Start vectors of the power iteration: last step's (warm, power_iters products) or seeded ones (32)."""
+        if "v" in states[0]:
+            return torch.stack([s["v"] for s in states]), self.cfg.power_iters
+        return torch.stack([power_start_vector(p, i) for p, i in zip(params, ids)]), 32
+
+
+def project(W: torch.Tensor, name: str, w_max: float, lr=0.0, wd: float = 0.0, update_norm=0.0,
+            v: torch.Tensor | None = None, iters: int = 0, dtype: torch.dtype = torch.float32):
+    """Constraint `name` (a key of CONSTRAINTS) on each matrix of W (..., d_out, d_in), applied to its
+    RMS->RMS-scaled form M = W / sqrt(d_out/d_in) so that w_max caps the RMS->RMS norm. What the methods
+    need comes with it: this step's lr and wd, the soft cap's strength for updates of norm <= update_norm
+    (computed in `dtype`), and for the power-iteration methods `iters` products from start vectors v.
+    Returns the new W and the new power-iteration vectors (None when the method uses none)."""
+    scale = rms_scale(W)
+    M = W / scale
+    args = constraint_args(name, M, w_max, lr, wd, v, iters, update_norm)
+    args.dtype = dtype
+    M = CONSTRAINTS[name](M.float(), args)
+    return (M * scale).to(W.dtype), args.v
+
+
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932) degree-5 coefficients for l = 1e-3 and
+# cushion 0.02407; rows 1-7 are then divided as p(x / 1.01) for rounding safety, the 8th row is the
+# classic convergent tail repeated for any further step. Any prefix is the optimal T-step map.
+PE_TAIL = (1.875, -1.25, 0.375)  # (15 x - 10 x^3 + 3 x^5) / 8: p(1) = 1, p'(1) = p''(1) = 0
+_PE_RAW = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+]
+PE_SAFETY = 1.01
+POLAR_EXPRESS = [(a / PE_SAFETY, b / PE_SAFETY**3, c / PE_SAFETY**5) for a, b, c in _PE_RAW] + [PE_TAIL]
+
+
+def ns_coefficients(steps: int, kind: str = "polar_express") -> list[tuple[float, float, float]]:
+    if kind == "reference":
+        return NANOGPT_NS[:steps]
+    if kind == "speedrun":
+        return [SPEEDRUN_NS] * steps
+    return [POLAR_EXPRESS[min(t, len(POLAR_EXPRESS) - 1)] for t in range(steps)]
+
+
+def msign(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, kind: str = "polar_express") -> torch.Tensor:
+    """Polar factor U V^T of each matrix in G (..., m, n) by Polar-Express Newton-Schulz.
+
+    Normalizes by the Frobenius norm (so every singular value is in [0, 1/1.01]) after dividing
+    by the largest entry (so 1e-30-sized matrices do not underflow); a zero matrix stays zero.
+    kind=reference / speedrun: the 145M scripts' / the speedrun record's map instead, G / (||G||_F + 1e-7)
+    in `dtype`, then NANOGPT_NS / SPEEDRUN_NS."""
+    X, tall = _wide(G)
+    if kind in ("reference", "speedrun"):
+        X = X.to(dtype)
+        X = quintic_steps(X / (torch.linalg.matrix_norm(X, keepdim=True) + NANOGPT_NS_EPS), ns_coefficients(steps, kind)).float()
+        return X.mT if tall else X
+    X = X.float()
+    top = X.abs().amax(dim=(-2, -1), keepdim=True)  # pre-scale so the Frobenius norm cannot underflow
+    X = X / torch.where(top > 0, top, torch.ones_like(top))
+    X = (X / (torch.linalg.matrix_norm(X, keepdim=True) * PE_SAFETY + 1e-30)).to(dtype)
+    X = quintic_steps(X, ns_coefficients(steps)).float()
+    return X.mT if tall else X
+
+
+def quintic_steps(X: torch.Tensor, coeffs, symmetric: bool = False) -> torch.Tensor:
+    """X <- a X + (b A + c A^2) X for each (a, b, c) of coeffs, with A = X X^T (A = X X for a
+    symmetric X): the odd quintic a x + b x^3 + c x^5 applied to every singular value."""
+    for a, b, c in coeffs:
+        A = X @ X if symmetric else X @ X.mT
+        X = _mm_add(X, _mm_add(A, A, A, b, c), X, a, 1.0)
+    return X
+
+
+def _mm_add(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """beta C + alpha A @ B for matrices or equally shaped stacks (..., m, k) @ (..., k, n): one
+    batched GEMM with the scaling and the sum fused (baddbmm), not three elementwise passes."""
+    def flat(X):
+        return X.reshape(-1, X.size(-2), X.size(-1))
+    return torch.baddbmm(flat(C), flat(A), flat(B), beta=beta, alpha=alpha).reshape(C.shape)
+
+
+def _wide(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(M, False) when M (..., m, n) has m <= n, else (M^T, True): the orientation whose Gram
+    matrix X X^T is the smaller one."""
+    return (M, False) if M.size(-2) <= M.size(-1) else (M.mT, True)
+
+
+def rms_scale(W: torch.Tensor) -> float:
+    """sqrt(d_out / d_in): a matrix's RMS->RMS norm is sigma_max(W) / rms_scale(W)."""
+    return math.sqrt(W.size(-2) / W.size(-1))
+
+
+def muon_step_scale(W: torch.Tensor, rule: str) -> float:
+    """Factor of Muon's lr for matrix W (..., d_out, d_in): rms_scale (muon_scale=rms: the update's
+    RMS->RMS norm is lr) or max(1, d_out/d_in)^0.5 (muon_scale=speedrun, the record's)."""
+    if rule == "speedrun":
+        return max(1.0, W.size(-2) / W.size(-1)) ** 0.5
+    return rms_scale(W)
+
+
+BF16_NS_MARGIN = 0.02   # measured bf16 noise on NS outputs is ~0.6% (bf16 matrix tests, Polar Express
+                        # at 8+ steps: sigma in [0.994, 1.006]); the worst bf16 output measured in tests/test_constraints.py
+                        # stays under this budget
+
+
+def max_update_norm(lr, ns_steps: int = 5, coupling: str = "exact", scale: float = 1.0, ns_kind: str = "polar_express"):
+    """Update norm the soft cap is coupled to. exact: the worst-case RMS->RMS norm of one Muon update,
+    lr x the NS polynomial's largest stretch (with the bf16 margin). reference: the Shakespeare reference
+    code's lr / sqrt(d_out/d_in) (its Linear.project divides the RMS->RMS norm by the scale again, and
+    assumes no stretch). nanogpt: the 145M scripts' lr x 1.14502 x 1.05."""
+    if coupling == "nanogpt":
+        return lr * NANOGPT_NS_STRETCH * NANOGPT_CAP_MARGIN
+    return lr * (ns_max_stretch(ns_steps, ns_kind) * (1 + BF16_NS_MARGIN)) if coupling == "exact" else lr / scale
+
+
+def soft_cap_alpha(w_max: float, max_update_norm: float) -> float:
+    """Strength of the spectral soft cap that keeps sigma <= w_max after a step (Theorem 3.1).
+
+    With k = w_max + max_update_norm the largest reachable singular value, alpha is the
+    smallest root >= 0 of f(k) = w_max for f(x) = x - 3a^2 x^5 + 3a^3 x^7 - a^4 x^9, i.e. of
+    -k^9 a^4 + 3k^7 a^3 - 3k^5 a^2 + (k - w_max) = 0."""
+    k = w_max + max_update_norm
+    if k <= w_max:
+        return 0.0
+    roots = np.roots([-k**9, 3 * k**7, -3 * k**5, 0.0, k - w_max])
+    real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
+    # The bound also needs f increasing on [0, k] (else a smaller singular value can land above
+    # w_max): f' = p2'(p1(x)) p1'(x) with p2' > 0 and p1'(x) = 1 - 3 a x^2, so 3 a k^2 < 1.
+    if not real or 3 * real[0] * k**2 >= 1:
+        raise ValueError(f"soft cap cannot bring sigma = {k:.4g} back to w_max = {w_max} with a map that is "
+                         f"increasing up to {k:.4g}: lower the learning rate (max update norm {max_update_norm:.4g})")
+    return float(real[0])
+
+
+def c_soft_cap(M, p):
+    """Two odd cubics x - a x^3 then x + a x^3 on every singular value (alpha from the coupling:
+    a float, or one value per matrix of the stack when their learning rates differ)."""
+    if not torch.is_tensor(p.alpha) and p.alpha == 0.0:
+        return M
+    X, a = M.to(p.dtype), p.alpha.to(p.dtype) if torch.is_tensor(p.alpha) else p.alpha
+    X = _gram_apply(X, 1.0, -a)
+    return _gram_apply(X, 1.0, a).to(M.dtype)
+
+
+def _gram_apply(M: torch.Tensor, a: float, b) -> torch.Tensor:
+    """a M + b M M^T M, with the Gram matrix formed on the smaller side; b is a float (one fused
+    GEMM) or a tensor broadcasting over the stack (one b per matrix)."""
+    _, tall = _wide(M)
+    if torch.is_tensor(b):
+        return a * M + b * (M @ (M.mT @ M) if tall else (M @ M.mT) @ M)
+    return _mm_add(M, M, M.mT @ M, a, b) if tall else _mm_add(M, M @ M.mT, M, a, b)
+
+
+def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
+    """Each row with RMS above cap scaled to RMS cap (1 - 2 eps of W's dtype); every other row is
+    returned bitwise unchanged: embedding rows (and a non-spectral head).
+
+    Idempotent in floating point: the RMS is accumulated in float64 (error ~1e-16), and a scaled row's
+    true RMS is at most cap (1 - 2 eps)(1 + eps / 2)^2 < cap (the factor and the product each round
+    once in W's dtype), so projecting again finds it within the cap and leaves it alone; rows no token
+    touched never move."""
+    rms = torch.linalg.vector_norm(W, dim=-1, keepdim=True, dtype=torch.float64) / math.sqrt(W.size(-1))
+    factor = (cap * (1 - 2 * torch.finfo(W.dtype).eps) / rms).to(W.dtype)
+    return torch.where(rms > cap, W * factor, W)
+
+
+# -----------------------------------------------------------------------------
+# The training step and loop: schedules, the optimizers, what follows the gradients, train()
+
+
+def run_steps(cfg: Config) -> int:
+    """Steps this run trains: stop_after when set (the schedules still follow num_steps), else num_steps."""
+    return cfg.stop_after or cfg.num_steps
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Flat, then linear decay to final_lr_frac over the last cooldown_frac of the steps."""
+    t = step / cfg.num_steps
+    if t < 1 - cfg.cooldown_frac:
+        return 1.0
+    w = (1 - t) / cfg.cooldown_frac
+    return w + (1 - w) * cfg.final_lr_frac
+
+
+def momentum_at(step: int, cfg: Config) -> float:
+    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
+
+
+def set_schedule(mat_opt: MatrixOptimizer, adam, step: int, cfg: Config) -> float:
+    """Learning rates (each group's base_lr x lr_factor) and Muon momentum of this step; returns the factor."""
+    frac = lr_factor(step, cfg)
+    for g in mat_opt.param_groups:
+        g["lr"] = g["base_lr"] * frac
+        g["momentum"] = momentum_at(step, cfg)
+    for g in adam.param_groups if adam is not None else []:
+        g["lr"] = g["base_lr"] * frac
+    return frac
+
+
+def build_optimizers(model: GPT, cfg: Config):
+    """MatrixOptimizer for the hidden matrices, the spectral head and (embed_update=rownorm) the
+    embedding; Adam for the rest, or None when nothing is left for it."""
+    shares = lr_shares(model, cfg)
+    groups = [dict(params=model.hidden_matrices(), lr=cfg.lr_hidden, base_lr=cfg.lr_hidden, w_max=cfg.w_max)]
+    adam_params = []
+    for p, lr, w_max, matrix in ((model.embed.weight, cfg.lr_embed, cfg.emb_w_max, cfg.embed_update == "rownorm"),
+                                 (model.head, cfg.lr_head, cfg.head_w_max, cfg.head_spectral)):
+        if matrix:
+            rows = dict(rows=True, constraint="none") if p is model.embed.weight else {}
+            groups.append(dict(params=[p], lr=lr, base_lr=lr, w_max=w_max, **rows))
+        else:  # Adam: a share, if any, scales the group's lr
+            lr = lr * float(shares.get(p, 1.0))
+            adam_params.append(dict(params=[p], lr=lr, base_lr=lr))
+    adam_params += [dict(params=[p], lr=lr, base_lr=lr) for p, lr in model.extra_adam_params(cfg)]
+    mat = MatrixOptimizer(groups, cfg, shares)
+    adam = None
+    if adam_params:
+        adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                fused=next(model.parameters()).is_cuda)
+    return mat, adam
+
+
+@torch.no_grad()
+def project_rowwise(model: GPT, cfg: Config) -> None:
+    """Embedding rows (when Adam steps them; MatrixOptimizer projects them under embed_update=rownorm)
+    and a non-spectral head's rows. Lipschitz archs only: baseline and speedrun have no constraints."""
+    if cfg.arch in UNCONSTRAINED_ARCHS:
+        return
+    if cfg.embed_update == "adam" and cfg.embed_cap == "project":
+        model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
+    if not cfg.head_spectral:
+        model.head.copy_(project_rows(model.head, cfg.head_w_max))
+
+
+def optimizer_step(model: GPT, mat_opt: MatrixOptimizer, adam, cfg: Config) -> int:
+    """Everything after the gradients of a step: Muon/AdamW + constraint, Adam, row projections,
+    QK-Clip, zeroed gradients. Returns the number of heads QK-Clip scaled (bench_step.py times this)."""
+    mat_opt.step()
+    if adam is not None:
+        adam.step()
+    project_rowwise(model, cfg)
+    clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
+    model.zero_grad(set_to_none=True)
+    return clipped
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def train(cfg: Config) -> dict:
+    """Train cfg's model; returns the final metrics (after a signal: where it stopped and its checkpoint)."""
+    with Stopper() as stopper:  # from the start: a signal during setup stops at the first step boundary
+        run = Run(cfg)  # checks, builds and resumes everything, then writes the run directory
+        model, mat_opt, adam, step = run.model, run.mat_opt, run.adam, run.step
+        metrics, train_loss, train_s, t0 = {}, None, 0.0, time.perf_counter()
+        end = run_steps(cfg)
+        while True:
+            last = step >= end
+            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0) or (step == 0 and cfg.eval_at_start):
+                metrics = run.evaluate(step, train_loss)
+            if last:
+                return run.finish(step, metrics, train_s, t0)
+            if any_rank(stopper.requested, run.device):  # a signal to any rank: all save and exit together
+                return run.stop(step)
+            # one step: the global batch in micro-batches (gradients accumulated, then averaged over ranks),
+            # Muon or AdamW, the weight constraint
+            t_step = run.clock()
+            frac = set_schedule(mat_opt, adam, step, cfg)
+            loss_sum = torch.zeros((), device=run.device)
+            for x, y in run.loader.next_batch(run.rows, run.rank, run.world, run.accum, run.device):
+                masks = model.attention_masks(x, step)  # built outside the compiled model; None: causal
+                with run.autocast:
+                    loss = run.fwd(x, y, masks=masks)
+                (loss / run.accum).backward()
+                loss_sum += loss.detach()
+            loss_sum = all_reduce_grads(model, loss_sum)
+            clipped = optimizer_step(model, mat_opt, adam, cfg)
+            train_loss = float(loss_sum) / (run.accum * run.world)
+            bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together
+            step += 1
+            dt = run.clock() - t_step
+            train_s += dt
+            if bad:
+                raise TrainingDiverged(f"step {step}: non-finite {bad} (train loss {train_loss}); stopped before writing "
+                                       f"anything. Last good checkpoint: {run.last_ckpt}")
+            if cfg.debug:
+                check_ranks_agree(model, step, run.device)
+            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+                run.log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
+                        f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
+                        record={"step": step, "train_loss": train_loss, "lr_frac": frac})
+            if cfg.save_every and step % cfg.save_every == 0 and step < end:
+                run.save_checkpoint(step)
+
+
+# =============================================================================
+# Part 2: the machinery: the other constraints and their numerics, the optimizer's sharding and
+# state, Modula step sizes, the speedrun baseline, attention masks, data, evaluation, checkpoints,
+# processes, runs, configuration parsing and rules, main.
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Weight constraints: pure functions on the RMS->RMS-scaled matrices M (..., m, n), with what they
+# need (power iteration, Newton-Schulz composites, the hard cap's Gram-matrix numerics); QK-Clip
+
+MSIGN_EXACT_STEPS = 12  # fp32 msign for the hard cap / Stiefel: converged for normalized sigma >= 1e-4
+
+# The 145M reference scripts' orthogonalization (ns_coeffs=reference): G / (||G||_F + 1e-7), then these
+# five quintics (nanogpt/train_spectral_cap.py, `orthogonalize`). Their composite's largest output on
+# [0, 1] is 1.14502 (ns_max_stretch), the constant the scripts' soft-cap coupling uses, times 1.05.
+NANOGPT_NS = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+NANOGPT_NS_EPS = 1e-7
+NANOGPT_NS_STRETCH = 1.14502
+NANOGPT_CAP_MARGIN = 1.05
+NANOGPT_INIT_STD = 0.5    # hidden_init=ns_uniform: entries uniform with std 0.5 / sqrt(d_in) before the NS map
+
+# ns_coeffs=speedrun: the modded-nanogpt record's (2025-02-01) single quintic, applied ns_steps times after
+# the same G / (||G||_F + 1e-7); chosen for slope at 0, not convergence: on a 1e-6 grid its 5-step composite
+# maps [0.01, 1] into [0.68, 1.13] (largest output 1.20: ns_max_stretch(5, "speedrun")).
+SPEEDRUN_NS = (3.4445, -4.7750, 2.0315)
+
+
+def quintic_composite(x: np.ndarray, coeffs) -> tuple[np.ndarray, np.ndarray]:
+    """The composite of the odd quintics a x + b x^3 + c x^5 of `coeffs` at x (float64) and its
+    derivative: what quintic_steps does to each singular value, in exact arithmetic."""
+    y, dy = x.copy(), np.ones_like(x)
+    for a, b, c in coeffs:
+        dy = dy * (a + 3 * b * y**2 + 5 * c * y**4)
+        y = a * y + b * y**3 + c * y**5
+    return y, dy
+
+
+@functools.cache
+def ns_max_stretch(steps: int, kind: str = "polar_express") -> float:
+    """Largest output singular value of `steps` Newton-Schulz steps over inputs in [0, 1].
+
+    Derived, not copied: the composite odd polynomial evaluated in float64 on a grid of spacing
+    1e-6, plus the grid's worst-case miss (spacing x the composite's largest slope)."""
+    x = np.linspace(0.0, 1.0, 1_000_001)
+    y, dy = quintic_composite(x, ns_coefficients(steps, kind))
+    return float(y.max() + np.abs(dy).max() * (x[1] - x[0]))
+
+
+POWER_KRYLOV_DIM = 8  # Rayleigh-Ritz space of power_iteration: its last 7 products with M^T M, plus the start
+
+
+def power_iteration(M: torch.Tensor, v: torch.Tensor, iters: int):
+    """Top singular triplet estimate of each matrix in M (..., m, n) from start vectors v (..., n).
+
+    `iters` products with M^T M from v; the last min(iters, POWER_KRYLOV_DIM - 1, n - 1) of them
+    build an orthonormal Krylov basis (Lanczos with full re-orthogonalization: matmuls only, no
+    QR call) and Rayleigh-Ritz picks the best vector in it: never worse than plain power
+    iteration, and ~3x closer when the top of the spectrum is clustered. Returns (u, sigma, v),
+    M v = sigma u. sigma is a lower estimate of sigma_max: use it to steer projections, never in
+    a certificate. An all-zero matrix gives sigma = 0 and keeps v, so a warm start never collapses."""
+    M = M.float()
+    v = F.normalize(v.float(), dim=-1, eps=1e-30).unsqueeze(-1)   # (..., n, 1)
+    iters = max(iters, 1)
+    k = min(iters, POWER_KRYLOV_DIM - 1, M.size(-1) - 1)
+    for _ in range(iters - k):
+        w = M.mT @ (M @ v)
+        v = torch.where(w.norm(dim=-2, keepdim=True) > 0, F.normalize(w, dim=-2, eps=1e-30), v)
+    Q = v
+    for _ in range(k):
+        w = M.mT @ (M @ Q[..., -1:])
+        for _ in range(2):
+            w = w - Q @ (Q.mT @ w)
+        Q = torch.cat([Q, F.normalize(w, dim=-2, eps=1e-30)], dim=-1)   # (..., n, k + 1)
+    MQ = M @ Q
+    y = torch.linalg.eigh(MQ.mT @ MQ).eigenvectors[..., -1:]   # top Ritz vector of the small Gram
+    x = Q @ y
+    v = torch.where(x.norm(dim=-2, keepdim=True) > 0.5, x, v).squeeze(-1)
+    Mv = (M @ v.unsqueeze(-1)).squeeze(-1)
+    return F.normalize(Mv, dim=-1, eps=1e-30), Mv.norm(dim=-1), v
+
+
+def spectral_norm_exact(W: torch.Tensor) -> torch.Tensor:
+    """sigma_max of each matrix in W (..., m, n) from the float64 Gram matrix on the smaller side
+    (eigvalsh); relative error ~1e-13, used for logging and by the certificate."""
+    X, _ = _wide(W.detach().double())
+    return torch.linalg.eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
+
+
+@dataclass
+class ProjArgs:
+    """What a constraint may use: cap, this step's lr and decay, soft-cap strength, and the
+    power-iteration triplet (u, sigma, v) of M for the methods that need it."""
+    w_max: float
+    lr: float = 0.0
+    wd: float = 0.0
+    alpha: float = 0.0
+    u: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # precision of the soft cap's polynomial (soft_cap_dtype)
+
+
+def constraint_args(name: str, M: torch.Tensor, w_max: float, lr: float, wd: float, v: torch.Tensor | None,
+                    iters: int, max_update_norm: float) -> ProjArgs:
+    """What constraint `name` needs for the stack M: the power-iteration triplet (from start
+    vectors v, `iters` products) and the soft-cap strength for updates of norm <= max_update_norm."""
+    args = ProjArgs(w_max=w_max, lr=lr, wd=wd)
+    if name in NEEDS_POWER_ITERATION:
+        args.u, args.sigma, args.v = power_iteration(M, v, iters)
+    if name == "soft_cap":
+        if torch.is_tensor(max_update_norm):  # one strength per matrix (per-matrix learning rates)
+            flat = max_update_norm.flatten().tolist()
+            alphas = {x: soft_cap_alpha(w_max, x) for x in set(flat)}
+            args.alpha = torch.tensor([alphas[x] for x in flat], device=M.device).view_as(max_update_norm)
+        else:
+            args.alpha = soft_cap_alpha(w_max, max_update_norm)
+    return args
+
+
+def _rank1(p: ProjArgs) -> torch.Tensor:
+    return p.u.unsqueeze(-1) * p.v.unsqueeze(-2)
+
+
+def _bcast(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(-1).unsqueeze(-1)
+
+
+def c_none(M, p):
+    """No constraint."""
+    return M
+
+
+def c_weight_decay(M, p):
+    """Decoupled, lr-coupled weight decay: M <- (1 - lr wd) M."""
+    return M * (1.0 - p.lr * p.wd)
+
+
+def c_spectral_wd(M, p):
+    """Spectral weight decay: top singular value times (1 - wd)."""
+    return M - p.wd * _bcast(p.sigma) * _rank1(p)
+
+
+def c_spectral_normalize(M, p):
+    """Divide by max(1, sigma_1 / w_max); sigma_1 is the power-iteration (lower) estimate."""
+    return M / _bcast(torch.clamp(p.sigma / p.w_max, min=1.0))
+
+
+def c_spectral_hammer(M, p):
+    """Set the top singular value to w_max (one direction, from power iteration; no guarantee
+    on the others, which may stay above w_max)."""
+    return M + _bcast(p.w_max - p.sigma) * _rank1(p)
+
+
+# Exact hard cap, all on the m x m Gram matrix G = X X^T of X = M / cap (wide orientation).
+# With B = G - I and S = sign(B) (Su's de-nesting: sign(sigma - 1) = sign(sigma^2 - 1)),
+# C = (G + I + B S) / 2 has eigenvalues max(sigma^2, 1), so C^{-1/2} X = U min(sigma, 1) V^T.
+# C >= I is well conditioned: C^{-1/2} never amplifies rounding (unlike msign(X) on tiny
+# singular values), and the only m x n products are G and the final C^{-1/2} X.
+HARD_CAP_TOL = 1e-3        # relative accuracy the step counts below are derived for
+HARD_CAP_PASS_RANGE = 2.0  # one pass handles sigma_max <= 2 cap; larger inputs get a cascade
+
+
+@functools.cache
+def _sign_steps(norm_bound: float) -> int:
+    """Polar Express steps for sign(B) with eigenvalues |b| <= norm_bound: a wrong sign fraction e
+    at b moves the output singular value by ~ e |b| / 4, so require e(x) x <= TOL / norm_bound."""
+    x = np.logspace(-12, 0, 4000) / PE_SAFETY
+    steps = 1
+    while (np.abs(1 - quintic_composite(x, ns_coefficients(steps))[0]) * x).max() > HARD_CAP_TOL / norm_bound:
+        steps += 1
+    return steps
+
+
+def _inv_sqrt_steps(s_min: float) -> int:
+    """Quintic steps taking every normalized singular value in [s_min, 1] to 1 within 1e-7."""
+    s, steps = s_min, 0
+    while s > 0 and 1 - s > 1e-7:
+        s, steps = s * (PE_TAIL[0] + PE_TAIL[1] * s**2 + PE_TAIL[2] * s**4), steps + 1
+    return steps
+
+
+def _gram_upper_bound(G: torch.Tensor) -> torch.Tensor:
+    """Upper bound on lambda_max of each PSD G (..., m, m): the Schatten-16 norm, computed on
+    G / ||G||_F so that nothing overflows; at most m^(1/16) (1.5 for m = 768) times too large."""
+    f = torch.linalg.matrix_norm(G, keepdim=True)
+    P = G / (f + 1e-30)
+    for _ in range(3):
+        P = P @ P
+    return f * torch.linalg.matrix_norm(P, keepdim=True) ** 0.125
+
+
+def _sym_sign(B: torch.Tensor, steps: int) -> torch.Tensor:
+    """sign(B) of symmetric B (..., m, m) with spectral norm <= 1 (Polar Express steps)."""
+    B = quintic_steps(B, ns_coefficients(steps), symmetric=True)
+    return 0.5 * (B + B.mT)
+
+
+def _hard_cap_pass(X: torch.Tensor, cap: torch.Tensor, rho: float, G: torch.Tensor) -> torch.Tensor:
+    """U min(sigma, cap) V^T of wide X (..., m, n) with Gram G = X X^T, given sigma_max(X) <= rho cap."""
+    G = G / cap**2
+    eye = torch.eye(G.size(-1), device=G.device, dtype=G.dtype)
+    nb = max(1.0, rho**2 - 1.0) * 1.01               # ||G - I||_2 <= max(1, lambda_max - 1), 1% rounding slack
+    B = G - eye
+    S = _sym_sign(B / nb, _sign_steps(math.ceil(nb * 100) / 100))
+    C = 0.5 * (G + eye + B @ S)
+    C = 0.5 * (C + C.mT)
+    nu = max(1.0, rho**2) * 1.01                     # eigenvalues of C / nu lie in [1 / nu, 1 / 1.01]
+    A, Q = C / nu, None
+    a, b, c = PE_TAIL
+    steps = _inv_sqrt_steps(math.floor(1e4 / math.sqrt(nu)) / 1e4)  # >= 1: nu > 1
+    for i in range(steps):                           # Q <- p(A) Q and A <- p(A)^2 A: Q -> (C / nu)^{-1/2}
+        P = _mm_add(b * A + a * eye, A, A, 1.0, c)
+        Q = P if Q is None else P @ Q
+        if i < steps - 1:
+            A = P @ (P @ A)
+    return (Q @ X) / math.sqrt(nu)
+
+
+def c_hard_cap(M, p):
+    """Exact min(sigma, w_max) on every singular value (to HARD_CAP_TOL relative, fp32).
+
+    Su's de-nested sign formula on the Gram matrix (see the comment above). Inputs with
+    sigma_max > HARD_CAP_PASS_RANGE w_max (bounded by the Schatten-16 norm, one host sync) are
+    first clipped at geometrically decreasing caps; clipping at c >= w_max and then at w_max
+    equals clipping at w_max, so the cascade is exact and each pass sees a bounded range."""
+    X, tall = _wide(M.float())
+    w = float(p.w_max)
+    G = X @ X.mT
+    ub = _gram_upper_bound(G).sqrt() * (1 + 1e-3) / w   # sigma_max / w_max, with fp32 slack
+    top = float(ub.max())
+    if top <= 1.0:  # every matrix certifiably within the cap: left bitwise unchanged
+        return M
+    R = HARD_CAP_PASS_RANGE
+    passes = 1 if top <= R else math.ceil(math.log(top) / math.log(R))
+    for k in range(1, passes + 1):
+        caps = torch.clamp(ub / R**k, min=1.0) if k < passes else torch.ones_like(ub)
+        rho = min(top, R * (1 + 2 * HARD_CAP_TOL)) if passes > 1 else top
+        X = _hard_cap_pass(X, caps * w, max(rho, 1.0), G if k == 1 else X @ X.mT)
+    X = X.mT if tall else X
+    return torch.where(ub <= 1.0, M, X.to(M.dtype))  # ub is (..., 1, 1): per matrix of the stack
+
+
+# The published hard-cap polynomial (F. Cesista, seed atom.py::_hard_cap): four odd quintics on
+# X = M / w_max without normalization. Measured in float64 on a 1e-5 grid: error 0.034 on [0, 1.5]
+# (h(1) = 0.966); max of h on [0, x] is 1.0109 for every x <= 4.05 and then explodes (sign flip
+# near 4.06, h(4.5) ~ 3e81). The limit is applied to the power-iteration sigma, a lower estimate
+# (a few % low when cold): 3.5 leaves a 15% margin below 4.05.
+HARD_CAP_POLY = [(0.805032, 0.206361, -0.019763), (0.649867, 0.162935, -0.011150),
+                 (1.810259, -0.200265, 0.008251), (1.004384, -0.183490, 0.014413)]
+HARD_CAP_POLY_MAX_INPUT = 3.5  # sigma / w_max
+HARD_CAP_POLY_MAX_OUTPUT = 1.011  # sup of h on [0, 4.05]: the polynomial's own overshoot of the cap
+
+
+def c_hard_cap_poly(M, p):
+    """The paper's fixed hard-cap polynomial (reproduction only; refuses sigma > 3.5 w_max)."""
+    ratio = float((p.sigma / p.w_max).max())
+    if ratio > HARD_CAP_POLY_MAX_INPUT:
+        raise ValueError(f"hard_cap_poly is only valid for sigma_max <= {HARD_CAP_POLY_MAX_INPUT} w_max, got ~{ratio:.3g} w_max; "
+                         "use constraint hard_cap (exact) instead")
+    X, tall = _wide(M.float() / p.w_max)
+    X = quintic_steps(X, HARD_CAP_POLY)
+    return (X.mT if tall else X) * p.w_max
+
+
+def c_stiefel(M, p):
+    """All singular values to w_max: w_max msign(M) (fp32, 12 steps: exact for singular values
+    >= 4e-5 ||M||_F; smaller ones come out between 0 and w_max; a zero matrix stays zero)."""
+    return msign(M, MSIGN_EXACT_STEPS, torch.float32) * p.w_max
+
+
+def c_svd_clip(M, p):
+    """Exact reference: SVD, clip singular values at w_max, recompose (float64; a matrix within the
+    cap comes back bitwise unchanged, the float64 round trip being far below fp32's rounding)."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return ((U * S.clamp(max=p.w_max).unsqueeze(-2)) @ Vh).to(M.dtype)
+
+
+CONSTRAINTS = {
+    "none": c_none, "weight_decay": c_weight_decay, "spectral_wd": c_spectral_wd,
+    "spectral_normalize": c_spectral_normalize, "spectral_hammer": c_spectral_hammer,
+    "soft_cap": c_soft_cap, "hard_cap": c_hard_cap, "hard_cap_poly": c_hard_cap_poly,
+    "stiefel": c_stiefel, "svd_clip": c_svd_clip,
+}
+NEEDS_POWER_ITERATION = {"spectral_wd", "spectral_normalize", "spectral_hammer", "hard_cap_poly"}
+
+# Methods after which sigma_max <= w_max holds (hard_cap, stiefel, svd_clip: to 1e-3 relative;
+# soft_cap: by Theorem 3.1 given the coupling). spectral_normalize is not among them: it holds
+# only as far as the power-iteration sigma_1 is exact, and the warm-started estimate lags a
+# clustered top by up to ~0.9% under Muon-sized steps (scripts/bench_constraints.py).
+GUARANTEED = {"soft_cap", "hard_cap", "stiefel", "svd_clip"}
+
+
+@torch.no_grad()
+def qk_clip(model: GPT, tau: float) -> int:
+    """QK-Clip (Kimi K2): for each head whose max logit this step exceeded tau, scale its W_q and
+    W_k rows by sqrt(tau / S_max). Returns the number of heads clipped."""
+    n = 0
+    _, world = dist_info()
+    for b in model.blocks:
+        att = b.attn
+        S = att.max_logit.clone()
+        if world > 1:
+            dist.all_reduce(S, op=dist.ReduceOp.MAX)
+        D = att.head_dim
+        for h in torch.nonzero(S > tau).flatten().tolist():
+            g = math.sqrt(tau / float(S[h]))
+            att.qkv[:2, h * D:(h + 1) * D].mul_(g)  # W_q and W_k rows of head h
+            n += 1
+        att.max_logit.zero_()
+    return n
+
+
+# -----------------------------------------------------------------------------
+# The optimizer's machinery: ranks, stacks, state, Adam's direction, checkpointed state
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Collective: whether flag is true on any rank (the flag itself without a process group)."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_owned(params: list, mine: list, shape: tuple, dtype: torch.dtype) -> list:
+    """Collective: entry i (of `shape`) of params[i], whose owner is rank i % world; each rank passes
+    the entries of params[rank::world] in order as mine, and every rank gets all of them."""
+    _, world = dist_info()
+    K, device = -(-len(params) // world), params[0].device
+    buf = torch.zeros((K,) + shape, device=device, dtype=dtype)
+    if mine:
+        buf[: len(mine)] = torch.stack(mine)
+    out = torch.empty((world * K,) + shape, device=device, dtype=dtype)
+    dist.all_gather_into_tensor(out, buf)
+    return [out[(i % world) * K + i // world] for i in range(len(params))]
+
+
+def matrix_stacks(group) -> list:
+    """(shape, params) of a group's parameters by shape, in a fixed order (a 3-D param is a stack of matrices)."""
+    by_shape: dict[tuple, list] = {}
+    for p in group["params"]:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    return list(by_shape.items())
+
+
+def power_start_vector(p, idx: int) -> torch.Tensor:
+    """Seeded start vectors of the power iteration of parameter p (one per matrix), the same on every rank."""
+    g = torch.Generator().manual_seed(1000003 * idx + p.size(-1))
+    return torch.randn(p.shape[:-2] + (p.size(-1),), generator=g).to(p.device)
+
+
+def state_entry_layout(key: str, p) -> tuple:
+    """(shape, dtype) of optimizer state entry `key` of parameter p: Adam's step count, the power-iteration
+    vectors (one per matrix of p) or a tensor shaped like p."""
+    layouts = {"t": ((), torch.int64), "v": (tuple(p.shape[:-2]) + (p.size(-1),), torch.float32)}
+    return layouts.get(key, (tuple(p.shape), torch.float32))
+
+
+def stacked_state(states, key, like):
+    """One stacked tensor of a state entry (zeros where missing) whose rows are the per-param
+    entries (views): reused as is on the next step unless an entry was replaced (a loaded
+    checkpoint), so a step neither stacks the state nor splits it back."""
+    bufs = [s.get(key) for s in states]
+    base = bufs[0]._base if bufs[0] is not None else None
+    if base is not None and base.shape == like.shape and all(
+            b is not None and b._base is base and b.data_ptr() == base[i].data_ptr() for i, b in enumerate(bufs)):
+        return base
+    base = torch.stack([b if b is not None else torch.zeros_like(g) for b, g in zip(bufs, like)])
+    for s, b in zip(states, base):
+        s[key] = b
+    return base
+
+
+def adam_direction(G: torch.Tensor, states: list, cfg: Config) -> torch.Tensor:
+    """AdamW's bias-corrected m / (sqrt(v) + eps) for the stacked gradients G (optimizer=adamw)."""
+    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+    m = stacked_state(states, "exp_avg", G).lerp_(G, 1 - b1)
+    v2 = stacked_state(states, "exp_avg_sq", G).mul_(b2).addcmul_(G, G, value=1 - b2)
+    t = states[0].get("t", 0) + 1
+    for s in states:
+        s["t"] = t
+    return (m / (1 - b1**t)) / ((v2 / (1 - b2**t)).sqrt() + cfg.adam_eps)
+
+
+def matrix_optimizer_state(opt: MatrixOptimizer) -> dict:
+    """Optimizer state of every matrix, gathered from its owner rank (collective call)."""
+    rank, world = dist_info()
+    out = {}
+    for group in opt.param_groups:
+        keys = ("momentum_buffer",) if opt.cfg.optimizer == "muon" else ("exp_avg", "exp_avg_sq", "t")
+        keys += ("v",) if group["constraint"] in NEEDS_POWER_ITERATION else ()
+        for shape, params in matrix_stacks(group):
+            entries = [{} for _ in params]
+            for key in keys:
+                mine = [opt.state.get(p, {}).get(key) for p in params[rank::world]]
+                if world > 1:  # every owner has the key (a stack steps together) or none has: before step 1
+                    if any_rank(any(t is None for t in mine), params[0].device):
+                        continue
+                    mine = gather_owned(params, [torch.as_tensor(t, device=params[0].device) for t in mine],
+                                        *state_entry_layout(key, params[0]))
+                for e, t in zip(entries, mine):
+                    if t is not None:
+                        e[key] = int(t) if key == "t" else t.detach().cpu().clone()
+            for e in entries:
+                out[str(len(out))] = e
+    return {"state": out}
+
+
+def load_matrix_optimizer_state(opt: MatrixOptimizer, sd: dict) -> None:
+    """The inverse of matrix_optimizer_state (every rank loads every entry)."""
+    pid = 0
+    for group in opt.param_groups:
+        for shape, params in matrix_stacks(group):
+            for p in params:
+                entry = sd["state"].get(str(pid), {})
+                opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
+                pid += 1
+
+
+# -----------------------------------------------------------------------------
+# Per-module step sizes: Modula's masses and sensitivities (lr_alloc=modula)
+#
+# Modula (Large et al. 2024, "Scalable Optimization in the Modular Norm", arXiv 2405.14813) splits
+# one update budget t over a network by two numbers per module: its mass (every matrix 1, the
+# blocks together scaled to blocks_mass) and its sensitivity (a matrix 1, a scalar multiplier c:
+# c; a composition the product; branches that meet in a sum, or in attention's q-k-v product, the
+# sum). Branches get t x their mass fraction; in a composition f_n o ... o f_1, part f_i gets
+# t x (its mass fraction) / (sensitivities of f_{i+1} .. f_n): what comes after amplifies it.
+# Then every matrix's update moves the output by at most t in total. The tree below mirrors this
+# file's forward pass (residual_coeffs, attn_out_factor, softmax_scale, final_scale); a node is
+# ("atom", name, mass), ("scale", c), ("seq", children in order of application) or ("par", children).
+
+
+def modula_tree(cfg: Config) -> tuple:
+    L = cfg.n_layer
+    m = cfg.blocks_mass / (6 * L)  # six matrices per layer share the blocks' mass
+    skip, branch = residual_coeffs(cfg)
+
+    def residual(f):
+        return ("par", [("scale", skip), ("seq", [f, ("scale", branch)])])
+
+    layers = []
+    for i in range(L):
+        p = f"blocks.{i}."
+        scores = ("seq", [("par", [("atom", p + "attn.q", m), ("atom", p + "attn.k", m)]), ("scale", cfg.softmax_scale)])
+        attn = ("seq", [("par", [("atom", p + "attn.v", m), scores]), ("scale", attn_out_factor(cfg)), ("atom", p + "attn.proj", m)])
+        mlp = ("seq", [("atom", p + "mlp.fc", m), ("scale", 1.0), ("atom", p + "mlp.proj", m)])  # gelu / GELU_MAX_SLOPE: 1
+        layers += [residual(attn), residual(mlp)]
+    return ("seq", [("atom", "embed.weight", 1.0), *layers, ("atom", "head", 1.0), ("scale", cfg.final_scale)])
+
+
+def _mass(n) -> float:
+    return n[2] if n[0] == "atom" else 0.0 if n[0] == "scale" else sum(_mass(c) for c in n[1])
+
+
+def _sensitivity(n) -> float:
+    if n[0] in ("atom", "scale"):
+        return 1.0 if n[0] == "atom" else n[1]
+    s = [_sensitivity(c) for c in n[1]]
+    return math.prod(s) if n[0] == "seq" else sum(s)
+
+
+def _allocate(n, t: float, out: dict) -> None:
+    if n[0] == "atom":
+        out[n[1]] = t
+    elif n[0] != "scale":
+        total = _mass(n)
+        for i, c in enumerate(n[1]):
+            after = math.prod(_sensitivity(d) for d in n[1][i + 1:]) if n[0] == "seq" else 1.0
+            _allocate(c, t * _mass(c) / total / after, out)
+
+
+def modula_shares(cfg: Config) -> dict[str, float]:
+    """Each matrix's share of the update under Modula's rules (keys as matrix_norms: q, k, v apart)."""
+    out: dict[str, float] = {}
+    _allocate(modula_tree(cfg), 1.0, out)
+    return out
+
+
+def lr_shares(model, cfg: Config) -> dict:
+    """{parameter: tensor of shape p.shape[:-2]} of lr multipliers; empty for lr_alloc=uniform."""
+    if cfg.lr_alloc == "uniform":
+        return {}
+    sh = modula_shares(cfg)
+    return {p: torch.tensor([sh[k] for k, _ in named_matrices({name: p})]).view(p.shape[:-2])
+            for name, p in model.named_parameters()}
+
+
+def normalize_rows(G: torch.Tensor, max_inflation: float) -> torch.Tensor:
+    """Each row of G divided by max(RMS(row), 1 / max_inflation): rows to RMS 1, small rows scaled
+    up at most max_inflation times, zero rows (tokens absent from the batch) stay zero. The
+    duality map of the embedding in Modula: the steepest direction under a max-row-RMS norm."""
+    rms = G.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return G / torch.clamp(rms, min=1.0 / max_inflation).to(G.dtype)
+
+
 # -----------------------------------------------------------------------------
 # arch = "speedrun": the modded-nanogpt record of 2025-02-01 (KellerJordan/modded-nanogpt,
 # records/track_1_short/2025-02-01_RuleTweak; 1770 steps, val loss 3.2788 on 8 x H100), the paper's
@@ -1572,9 +1519,91 @@ class SpeedrunGPT(GPT):
         return 2 * c * torch.sigmoid(z.float() / (c / 2))
 
 
-def make_model(cfg: Config) -> GPT:
-    """The model of cfg.arch: SpeedrunGPT for speedrun, else GPT."""
-    return SpeedrunGPT(cfg) if cfg.arch == "speedrun" else GPT(cfg)
+# -----------------------------------------------------------------------------
+# Attention masks: causal, within documents, in a block-wise window that grows over the steps.
+# The 145M reference scripts' FlexAttention masks, as a rule on token pairs: query q sees key k iff
+# k <= q, both lie in the same document (documents begin at doc_token), and k's block of ATTN_BLOCK
+# tokens is among the last W blocks up to q's (W = window_blocks, at least 1; short layers W // 2).
+# On CUDA a FlexAttention BlockMask, elsewhere the same rule as a dense boolean mask for SDPA.
+
+ATTN_BLOCK = 128      # FlexAttention block of the reference scripts; windows are whole blocks
+WINDOW_GROWTH = 1728  # the scripts' window: smallest multiple of ATTN_BLOCK >= 1728 x step / num_steps (128 -> 1792)
+
+
+def masked_attention(cfg) -> bool:
+    return cfg.doc_token >= 0 or cfg.window_schedule != "none"
+
+
+def val_len(cfg) -> int:
+    return cfg.val_seq_len or cfg.seq_len
+
+
+def window_blocks(step: int, cfg) -> int | None:
+    """Window of a long layer at `step`, in blocks (its own block and the ones before), or None (no window)."""
+    if cfg.window_schedule == "none":
+        return None
+    return max(1, math.ceil(WINDOW_GROWTH * (step / cfg.num_steps) / ATTN_BLOCK))
+
+
+def layer_windows(step: int, cfg) -> list:
+    """Window of each layer at `step`: long layers (L) window_blocks, short ones (S) half of it, >= 1 block."""
+    w = window_blocks(step, cfg)
+    return [w if w is None or c == "L" else max(1, w // 2) for c in (cfg.layer_pattern or "L" * cfg.n_layer)]
+
+
+def doc_ids(idx: torch.Tensor, doc_token: int) -> torch.Tensor:
+    """Document index of every position of idx (..., T): the number of doc_tokens up to and including it."""
+    if doc_token < 0:
+        return torch.zeros_like(idx, dtype=torch.int32)
+    return (idx == doc_token).cumsum(-1, dtype=torch.int32)
+
+
+def mask_rule(q, k, doc_q, doc_k, window: int | None):
+    """Whether query position q may attend to key position k (broadcasting tensors)."""
+    ok = (k <= q) & (doc_q == doc_k)
+    return ok if window is None else ok & (q // ATTN_BLOCK - k // ATTN_BLOCK < window)
+
+
+def dense_mask(docs: torch.Tensor, window: int | None) -> torch.Tensor:
+    """mask_rule for every pair of a batch of sequences: bool (B, 1, T, T), True = attend (for SDPA)."""
+    pos = torch.arange(docs.size(-1), device=docs.device)
+    return mask_rule(pos[:, None], pos[None, :], docs[:, :, None], docs[:, None, :], window)[:, None]
+
+
+def flex_block_mask(docs: torch.Tensor, window: int | None):
+    """mask_rule as a FlexAttention BlockMask for docs (B, T), T a multiple of ATTN_BLOCK. Blocks are
+    classified from each block's first and last document index (documents are contiguous): a key
+    block is skipped, fully visible, or partial (mask_rule is applied inside)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, T = docs.shape
+    n = T // ATTN_BLOCK
+    blocks = docs.reshape(B, n, ATTN_BLOCK)
+    lo, hi = blocks[..., 0], blocks[..., -1]
+    i = torch.arange(n, device=docs.device)
+    near = (i[:, None] - i[None, :] < window) if window is not None else torch.ones(n, n, dtype=torch.bool, device=docs.device)
+    same_any = (lo[:, :, None] <= hi[:, None, :]) & (hi[:, :, None] >= lo[:, None, :])
+    same_all = (lo[:, :, None] == hi[:, None, :]) & (hi[:, :, None] == lo[:, None, :])
+    full = (i[:, None] > i[None, :]) & same_all & near
+    partial = (i[:, None] >= i[None, :]) & same_any & near & ~full
+
+    def ordered(blocks):  # (B, 1, n) counts and (B, 1, n, n) indices, the visible blocks first
+        order = blocks.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+        return blocks.sum(-1, dtype=torch.int32)[:, None].contiguous(), order.to(torch.int32)[:, None].contiguous()
+
+    # The whole rule again token by token (the eager path reads only this); the window as a tensor, so
+    # that compiled kernels see an input, not a constant that changes with the step (no recompiles).
+    win = None if window is None else torch.tensor(window, device=docs.device)
+
+    def mask_mod(b, h, q, k):
+        return mask_rule(q, k, docs[b, q], docs[b, k], win)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=ATTN_BLOCK, mask_mod=mask_mod)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 # -----------------------------------------------------------------------------
@@ -1747,6 +1776,86 @@ def load_val_slice(cfg: Config) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# Evaluation and the logged norms
+
+
+def named_matrices(params: dict):
+    """(key, matrix) of every weight as the forward pass uses it, in parameter order; attn.qkv gives
+    three keys attn.q, attn.k, attn.v. The keys of matrix_norms and of the certificate's norms."""
+    for name, p in params.items():
+        if name.endswith("attn.qkv"):
+            yield from ((name[:-3] + n, p[i]) for i, n in enumerate("qkv"))
+        else:
+            yield name, p
+
+
+def matrix_norms(model: GPT) -> dict[str, float]:
+    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues); each
+    embedding's (speedrun: and value embedding's) largest row RMS. Scalars (speedrun) are left out."""
+    out = {}
+    for key, W in named_matrices(dict(model.named_parameters())):
+        if key == "embed.weight" or key.startswith("value_embeds."):
+            out[key.removesuffix(".weight") + ".max_row_rms"] = float(W.detach().double().pow(2).mean(-1).sqrt().max())
+        elif W.ndim < 2:
+            continue
+        else:
+            out[key] = float(spectral_norm_exact(W)) / rms_scale(W)
+    return out
+
+
+class ActivationMax:
+    """Receives each residual-stream activation the model appends (the `acts` protocol of
+    GPT.forward) and keeps only the running max |entry| and max row RMS in out (2,), so an eval
+    holds no activations."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def append(self, a: torch.Tensor) -> None:
+        a = a.float()
+        torch.maximum(self.out, torch.stack([a.abs().max(), a.pow(2).mean(-1).sqrt().max()]).double(), out=self.out)
+
+
+EVAL_LOGIT_TOKENS = 1 << 15  # evaluate applies the head to at most this many positions at once: 6.6 GB of fp32
+                             # logits at vocab 50304 (a 262,144-token val sequence at once would need 53 GB)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int,
+             starts: torch.Tensor | None = None, seq_len: int | None = None, step: int | None = None) -> dict:
+    """Val loss and accuracy over the sequences val[s : s + seq_len + 1], s in starts (default: every
+    whole non-overlapping sequence), seq_len default cfg.seq_len, attention masked as at `step`
+    (default num_steps), split over ranks and all-reduced; the largest activation entry / RMS of the
+    residual stream and the largest |logit| (max_logit)."""
+    rank, world = dist_info()
+    T = seq_len or cfg.seq_len
+    if starts is None:
+        starts = torch.arange((val.numel() - 1) // T) * T
+    idx = starts[rank::world]
+    stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms, max|logit|
+    model.eval()
+    for i in range(0, len(idx), rows):
+        pos = idx[i:i + rows, None] + torch.arange(T + 1)[None]
+        b = val[pos].to(device)
+        x, y = b[:, :-1].reshape(-1, T), b[:, 1:].reshape(-1)
+        with autocast_ctx:
+            h = model.features(x, acts=ActivationMax(stats[3:5]), step=step)
+            h = h.reshape(-1, h.size(-1))
+            for lo in range(0, h.size(0), EVAL_LOGIT_TOKENS):
+                logits, t = model.logits(h[lo:lo + EVAL_LOGIT_TOKENS]), y[lo:lo + EVAL_LOGIT_TOKENS]
+                stats[0] += F.cross_entropy(logits, t, reduction="sum").double()
+                stats[1] += (logits.argmax(-1) == t).sum()
+                stats[5] = torch.maximum(stats[5], logits.abs().max().double())
+        stats[2] += y.numel()
+    model.train()
+    if world > 1:
+        dist.all_reduce(stats[:3])
+        dist.all_reduce(stats[3:], op=dist.ReduceOp.MAX)
+    return {"val_loss": float(stats[0] / stats[2]), "val_acc": float(stats[1] / stats[2]),
+            "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4]), "max_logit": float(stats[5])}
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints and run files: atomic writes, weights_only loading, checksums
 
 
@@ -1895,187 +2004,6 @@ def system_info() -> str:
         lines.append("git " + subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip())
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Training steps: schedules, optimizers, what follows the gradients, evaluation
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def run_steps(cfg: Config) -> int:
-    """Steps this run trains: stop_after when set (the schedules still follow num_steps), else num_steps."""
-    return cfg.stop_after or cfg.num_steps
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    """Flat, then linear decay to final_lr_frac over the last cooldown_frac of the steps."""
-    t = step / cfg.num_steps
-    if t < 1 - cfg.cooldown_frac:
-        return 1.0
-    w = (1 - t) / cfg.cooldown_frac
-    return w + (1 - w) * cfg.final_lr_frac
-
-
-def momentum_at(step: int, cfg: Config) -> float:
-    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
-    return (1 - frac) * cfg.momentum_warmup_start + frac * cfg.momentum
-
-
-def set_schedule(mat_opt: MatrixOptimizer, adam, step: int, cfg: Config) -> float:
-    """Learning rates (each group's base_lr x lr_factor) and Muon momentum of this step; returns the factor."""
-    frac = lr_factor(step, cfg)
-    for g in mat_opt.param_groups:
-        g["lr"] = g["base_lr"] * frac
-        g["momentum"] = momentum_at(step, cfg)
-    for g in adam.param_groups if adam is not None else []:
-        g["lr"] = g["base_lr"] * frac
-    return frac
-
-
-def build_optimizers(model: GPT, cfg: Config):
-    """MatrixOptimizer for the hidden matrices, the spectral head and (embed_update=rownorm) the
-    embedding; Adam for the rest, or None when nothing is left for it."""
-    shares = lr_shares(model, cfg)
-    groups = [dict(params=model.hidden_matrices(), lr=cfg.lr_hidden, base_lr=cfg.lr_hidden, w_max=cfg.w_max)]
-    adam_params = []
-    for p, lr, w_max, matrix in ((model.embed.weight, cfg.lr_embed, cfg.emb_w_max, cfg.embed_update == "rownorm"),
-                                 (model.head, cfg.lr_head, cfg.head_w_max, cfg.head_spectral)):
-        if matrix:
-            rows = dict(rows=True, constraint="none") if p is model.embed.weight else {}
-            groups.append(dict(params=[p], lr=lr, base_lr=lr, w_max=w_max, **rows))
-        else:  # Adam: a share, if any, scales the group's lr
-            lr = lr * float(shares.get(p, 1.0))
-            adam_params.append(dict(params=[p], lr=lr, base_lr=lr))
-    adam_params += [dict(params=[p], lr=lr, base_lr=lr) for p, lr in model.extra_adam_params(cfg)]
-    mat = MatrixOptimizer(groups, cfg, shares)
-    adam = None
-    if adam_params:
-        adam = torch.optim.Adam(adam_params, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                fused=next(model.parameters()).is_cuda)
-    return mat, adam
-
-
-@torch.no_grad()
-def project_rowwise(model: GPT, cfg: Config) -> None:
-    """Embedding rows (when Adam steps them; MatrixOptimizer projects them under embed_update=rownorm)
-    and a non-spectral head's rows. Lipschitz archs only: baseline and speedrun have no constraints."""
-    if cfg.arch in UNCONSTRAINED_ARCHS:
-        return
-    if cfg.embed_update == "adam" and cfg.embed_cap == "project":
-        model.embed.weight.copy_(project_rows(model.embed.weight, cfg.emb_w_max))
-    if not cfg.head_spectral:
-        model.head.copy_(project_rows(model.head, cfg.head_w_max))
-
-
-def optimizer_step(model: GPT, mat_opt: MatrixOptimizer, adam, cfg: Config) -> int:
-    """Everything after the gradients of a step: Muon/AdamW + constraint, Adam, row projections,
-    QK-Clip, zeroed gradients. Returns the number of heads QK-Clip scaled (bench_step.py times this)."""
-    mat_opt.step()
-    if adam is not None:
-        adam.step()
-    project_rowwise(model, cfg)
-    clipped = qk_clip(model, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
-    model.zero_grad(set_to_none=True)
-    return clipped
-
-
-@torch.no_grad()
-def qk_clip(model: GPT, tau: float) -> int:
-    """QK-Clip (Kimi K2): for each head whose max logit this step exceeded tau, scale its W_q and
-    W_k rows by sqrt(tau / S_max). Returns the number of heads clipped."""
-    n = 0
-    _, world = dist_info()
-    for b in model.blocks:
-        att = b.attn
-        S = att.max_logit.clone()
-        if world > 1:
-            dist.all_reduce(S, op=dist.ReduceOp.MAX)
-        D = att.head_dim
-        for h in torch.nonzero(S > tau).flatten().tolist():
-            g = math.sqrt(tau / float(S[h]))
-            att.qkv[:2, h * D:(h + 1) * D].mul_(g)  # W_q and W_k rows of head h
-            n += 1
-        att.max_logit.zero_()
-    return n
-
-
-def named_matrices(params: dict):
-    """(key, matrix) of every weight as the forward pass uses it, in parameter order; attn.qkv gives
-    three keys attn.q, attn.k, attn.v. The keys of matrix_norms and of the certificate's norms."""
-    for name, p in params.items():
-        if name.endswith("attn.qkv"):
-            yield from ((name[:-3] + n, p[i]) for i, n in enumerate("qkv"))
-        else:
-            yield name, p
-
-
-def matrix_norms(model: GPT) -> dict[str, float]:
-    """RMS->RMS norm of every matrix as the forward pass uses it (float64 Gram eigenvalues); each
-    embedding's (speedrun: and value embedding's) largest row RMS. Scalars (speedrun) are left out."""
-    out = {}
-    for key, W in named_matrices(dict(model.named_parameters())):
-        if key == "embed.weight" or key.startswith("value_embeds."):
-            out[key.removesuffix(".weight") + ".max_row_rms"] = float(W.detach().double().pow(2).mean(-1).sqrt().max())
-        elif W.ndim < 2:
-            continue
-        else:
-            out[key] = float(spectral_norm_exact(W)) / rms_scale(W)
-    return out
-
-
-class ActivationMax:
-    """Receives each residual-stream activation the model appends (the `acts` protocol of
-    GPT.forward) and keeps only the running max |entry| and max row RMS in out (2,), so an eval
-    holds no activations."""
-
-    def __init__(self, out: torch.Tensor):
-        self.out = out
-
-    def append(self, a: torch.Tensor) -> None:
-        a = a.float()
-        torch.maximum(self.out, torch.stack([a.abs().max(), a.pow(2).mean(-1).sqrt().max()]).double(), out=self.out)
-
-
-EVAL_LOGIT_TOKENS = 1 << 15  # evaluate applies the head to at most this many positions at once: 6.6 GB of fp32
-                             # logits at vocab 50304 (a 262,144-token val sequence at once would need 53 GB)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, val: torch.Tensor, cfg: Config, device, autocast_ctx, rows: int,
-             starts: torch.Tensor | None = None, seq_len: int | None = None, step: int | None = None) -> dict:
-    """Val loss and accuracy over the sequences val[s : s + seq_len + 1], s in starts (default: every
-    whole non-overlapping sequence), seq_len default cfg.seq_len, attention masked as at `step`
-    (default num_steps), split over ranks and all-reduced; the largest activation entry / RMS of the
-    residual stream and the largest |logit| (max_logit)."""
-    rank, world = dist_info()
-    T = seq_len or cfg.seq_len
-    if starts is None:
-        starts = torch.arange((val.numel() - 1) // T) * T
-    idx = starts[rank::world]
-    stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, correct, count, max|x|, max rms, max|logit|
-    model.eval()
-    for i in range(0, len(idx), rows):
-        pos = idx[i:i + rows, None] + torch.arange(T + 1)[None]
-        b = val[pos].to(device)
-        x, y = b[:, :-1].reshape(-1, T), b[:, 1:].reshape(-1)
-        with autocast_ctx:
-            h = model.features(x, acts=ActivationMax(stats[3:5]), step=step)
-            h = h.reshape(-1, h.size(-1))
-            for lo in range(0, h.size(0), EVAL_LOGIT_TOKENS):
-                logits, t = model.logits(h[lo:lo + EVAL_LOGIT_TOKENS]), y[lo:lo + EVAL_LOGIT_TOKENS]
-                stats[0] += F.cross_entropy(logits, t, reduction="sum").double()
-                stats[1] += (logits.argmax(-1) == t).sum()
-                stats[5] = torch.maximum(stats[5], logits.abs().max().double())
-        stats[2] += y.numel()
-    model.train()
-    if world > 1:
-        dist.all_reduce(stats[:3])
-        dist.all_reduce(stats[3:], op=dist.ReduceOp.MAX)
-    return {"val_loss": float(stats[0] / stats[2]), "val_acc": float(stats[1] / stats[2]),
-            "max_act_entry": float(stats[3]), "max_act_rms": float(stats[4]), "max_logit": float(stats[5])}
 
 
 # -----------------------------------------------------------------------------
@@ -2434,54 +2362,156 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# Configuration: parsing (command line > --config TOML > defaults) and the rules between fields
 
 
-def train(cfg: Config) -> dict:
-    """Train cfg's model; returns the final metrics (after a signal: where it stopped and its checkpoint)."""
-    with Stopper() as stopper:  # from the start: a signal during setup stops at the first step boundary
-        run = Run(cfg)  # checks, builds and resumes everything, then writes the run directory
-        model, mat_opt, adam, step = run.model, run.mat_opt, run.adam, run.step
-        metrics, train_loss, train_s, t0 = {}, None, 0.0, time.perf_counter()
-        end = run_steps(cfg)
-        while True:
-            last = step >= end
-            if last or (cfg.eval_every and step % cfg.eval_every == 0 and step > 0) or (step == 0 and cfg.eval_at_start):
-                metrics = run.evaluate(step, train_loss)
-            if last:
-                return run.finish(step, metrics, train_s, t0)
-            if any_rank(stopper.requested, run.device):  # a signal to any rank: all save and exit together
-                return run.stop(step)
-            # one step: the global batch in micro-batches (gradients accumulated, then averaged over ranks),
-            # Muon or AdamW, the weight constraint
-            t_step = run.clock()
-            frac = set_schedule(mat_opt, adam, step, cfg)
-            loss_sum = torch.zeros((), device=run.device)
-            for x, y in run.loader.next_batch(run.rows, run.rank, run.world, run.accum, run.device):
-                masks = model.attention_masks(x, step)  # built outside the compiled model; None: causal
-                with run.autocast:
-                    loss = run.fwd(x, y, masks=masks)
-                (loss / run.accum).backward()
-                loss_sum += loss.detach()
-            loss_sum = all_reduce_grads(model, loss_sum)
-            clipped = optimizer_step(model, mat_opt, adam, cfg)
-            train_loss = float(loss_sum) / (run.accum * run.world)
-            bad = nonfinite_tensor(model, loss_sum)  # identical on every rank: all stop together
-            step += 1
-            dt = run.clock() - t_step
-            train_s += dt
-            if bad:
-                raise TrainingDiverged(f"step {step}: non-finite {bad} (train loss {train_loss}); stopped before writing "
-                                       f"anything. Last good checkpoint: {run.last_ckpt}")
-            if cfg.debug:
-                check_ranks_agree(model, step, run.device)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
-                run.log(f"step:{step}/{cfg.num_steps} train_loss:{train_loss:.4f} lr_frac:{frac:.3f} "
-                        f"step_ms:{1000 * dt:.1f} tok/s:{cfg.batch_tokens / dt:.0f}" + (f" qk_clipped:{clipped}" if clipped else ""),
-                        record={"step": step, "train_loss": train_loss, "lr_frac": frac})
-            if cfg.save_every and step % cfg.save_every == 0 and step < end:
-                run.save_checkpoint(step)
+class ConfigError(ValueError):
+    pass
 
+
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}  # a bool on the command line
+
+
+def _coerce(name: str, typ: str, value, source: str):
+    """value as the field's type: TOML values as they are (ints accepted for floats), command-line text parsed."""
+    typ, v = {"int": int, "float": float, "str": str, "bool": bool}[typ], value
+    if isinstance(v, str) and typ is not str:
+        with contextlib.suppress(ValueError):
+            v = BOOL_WORDS.get(v.lower(), v) if typ is bool else typ(v)
+    if typ is float and type(v) is int:
+        v = float(v)
+    if type(v) is typ:  # type(True) is bool, not int: a bool is no number here
+        return v
+    raise ConfigError(f"{source}: '{name}' must be of type {typ.__name__}, got {value!r}")
+
+
+def coerced(d: dict, source: str) -> dict:
+    """The settings of d (a TOML table, a saved config, command-line strings) as their fields' types."""
+    known = {f.name: f.type for f in fields(Config)}
+    for k in d:
+        if k not in known:
+            close = [n for n in known if n.startswith(k[:4])]
+            raise ConfigError(f"{source}: unknown key '{k}'" + (f" (did you mean {', '.join(close)}?)" if close else "") + "; see python train_gpt.py --help")
+    return {k: _coerce(k, known[k], v, source) for k, v in d.items()}
+
+
+def config_from_dict(d: dict, source: str, base: Config | None = None) -> Config:
+    """base (default: the defaults) with the settings of d, validated once."""
+    return dataclasses.replace(base or Config(), **coerced(d, source))
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(
+        description="Train a GPT with enforced Lipschitz constants (Newhouse et al. 2025). "
+        "Settings: command line > --config file > these defaults (the paper's 145M hyperparameters; "
+        "configs/nanogpt_145m.toml adds the reference scripts' pipeline).",
+    )
+    p.add_argument("--config", default="", help="TOML file of settings (flat key = value)")
+    for f in fields(Config):
+        p.add_argument(f"--{f.name}", default=None, metavar="|".join(choices_of(f)) or f.type.upper(),
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
+    args = p.parse_args(argv)
+    table = {}
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: no such file")
+        try:
+            with open(args.config, "rb") as fh:
+                table = tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {args.config}: not valid TOML ({e})") from None
+        table = coerced(table, args.config)
+    overrides = coerced({k: v for k, v in vars(args).items() if k != "config" and v is not None}, "command line")
+    return Config(**(table | overrides))  # validated once, on the settings in force
+
+
+def validate_config(cfg: Config) -> None:
+    """Every error a config can have, found before any data is read or any kernel compiled: each field's
+    choices and range (from its setting), then the rules between fields."""
+    for f in fields(cfg):
+        v, allowed, check = getattr(cfg, f.name), choices_of(f), f.metadata["check"]
+        if allowed and v not in allowed:
+            raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(allowed)}")
+        if check and not CHECKS[check][1](v):
+            raise ConfigError(f"{f.name} must be {CHECKS[check][0]}, got {v}")
+    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
+        raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head} with an even head size (RoPE)")
+    if cfg.micro_batch_tokens % cfg.seq_len:
+        raise ConfigError(f"micro_batch_tokens={cfg.micro_batch_tokens} must be a multiple of seq_len={cfg.seq_len}")
+    if cfg.rope == "half_truncated" and (cfg.d_model // cfg.n_head) % 4:
+        raise ConfigError(f"rope=half_truncated needs a head size divisible by 4, got {cfg.d_model // cfg.n_head}")
+    if not -1 <= cfg.doc_token < cfg.vocab_size:
+        raise ConfigError(f"doc_token={cfg.doc_token} must be -1 (off) or a token id below vocab_size={cfg.vocab_size}")
+    if cfg.layer_pattern and (len(cfg.layer_pattern) != cfg.n_layer or set(cfg.layer_pattern) - set("LS")):
+        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} must be {cfg.n_layer} letters L or S, one per layer")
+    if "S" in cfg.layer_pattern and cfg.window_schedule == "none":
+        raise ConfigError(f"layer_pattern={cfg.layer_pattern!r} has short layers but window_schedule=none has no window to halve; "
+                          "set window_schedule or clear layer_pattern")
+    if masked_attention(cfg):
+        for k, n in (("seq_len", cfg.seq_len), ("val_seq_len", val_len(cfg))):
+            if n % ATTN_BLOCK:
+                raise ConfigError(f"{k}={n} must be a multiple of {ATTN_BLOCK} (the attention block) "
+                                  "with doc_token or window_schedule set")
+        if cfg.qk_clip_tau > 0:
+            raise ConfigError("qk_clip_tau tracks causal logits only; it cannot be combined with doc_token or window_schedule")
+    if cfg.loader == "sequential" and cfg.seq_len != cfg.micro_batch_tokens:
+        raise ConfigError(f"loader=sequential trains on one sequence of micro_batch_tokens per rank and micro-step: "
+                          f"set seq_len={cfg.micro_batch_tokens} (now {cfg.seq_len})")
+    if cfg.ns_coeffs == "reference" and cfg.ns_steps != len(NANOGPT_NS):
+        raise ConfigError(f"ns_coeffs=reference is {len(NANOGPT_NS)} fixed steps; set ns_steps={len(NANOGPT_NS)} (now {cfg.ns_steps})")
+    if cfg.embed_cap == "lookup" and (cfg.embed_update != "adam" or cfg.arch in UNCONSTRAINED_ARCHS):
+        raise ConfigError("embed_cap=lookup renormalizes the rows that Adam steps (embed_update=adam) in a Lipschitz arch; "
+                          "use embed_cap=project")
+    if cfg.stop_after > cfg.num_steps:
+        raise ConfigError(f"stop_after={cfg.stop_after} is past num_steps={cfg.num_steps}; stop_after ends a run early "
+                          "inside its schedule (0: run all num_steps)")
+    if cfg.arch in UNCONSTRAINED_ARCHS and cfg.constraint != "none":
+        raise ConfigError(f"arch={cfg.arch} has no weight constraints (constraint={cfg.constraint!r}); add --constraint none")
+    if cfg.arch == "speedrun":
+        if cfg.n_layer % 2 or cfg.n_layer < SPEEDRUN_NO_ATTN_LAYER + 1:
+            raise ConfigError(f"arch=speedrun needs an even n_layer >= {SPEEDRUN_NO_ATTN_LAYER + 1} (U-net halves, "
+                              f"{SPEEDRUN_VALUE_EMBEDS} value-embedded layers at each end, no attention in layer "
+                              f"{SPEEDRUN_NO_ATTN_LAYER}); got {cfg.n_layer}")
+        if cfg.final_scale != 1.0 or cfg.head_spectral or cfg.qk_clip_tau > 0 or cfg.hidden_init != "orthogonal":
+            raise ConfigError("arch=speedrun has its own init, an Adam head, no final_scale and no QK-Clip: set head_spectral = false "
+                              "and leave final_scale (1), qk_clip_tau (0) and hidden_init (orthogonal) at their defaults")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.dropout > 0 and masked_attention(cfg):
+        raise ConfigError("dropout is not supported with doc_token or window_schedule (FlexAttention has no dropout)")
+    if cfg.dropout > 0 and cfg.arch != "baseline":
+        raise ConfigError(f"dropout={cfg.dropout} is for arch=baseline only (the Lipschitz map the certificate bounds has none)")
+    if cfg.lr_alloc == "modula" and cfg.arch in UNCONSTRAINED_ARCHS:
+        raise ConfigError("lr_alloc=modula derives step sizes from the Lipschitz architecture's scalars; "
+                          f"arch={cfg.arch} (RMSNorm) has no such sensitivities: use lr_alloc=uniform")
+    if cfg.embed_update == "rownorm" and (cfg.optimizer != "muon" or cfg.arch in UNCONSTRAINED_ARCHS):
+        raise ConfigError("embed_update=rownorm is the Modula update of a capped embedding and uses Muon's momentum: "
+                          "it needs optimizer=muon and a Lipschitz arch; use embed_update=adam")
+    if cfg.embed_max_inflation < 1 or not math.isfinite(cfg.embed_max_inflation):
+        raise ConfigError(f"embed_max_inflation must be >= 1 and finite, got {cfg.embed_max_inflation}")
+    if cfg.soft_cap_coupling == "reference" and cfg.constraint != "soft_cap":
+        raise ConfigError(f"soft_cap_coupling={cfg.soft_cap_coupling} is only used by constraint soft_cap, not {cfg.constraint}")
+    if cfg.optimizer == "adamw" and cfg.constraint == "soft_cap":
+        raise ConfigError("soft_cap needs a bound on each update's spectral norm, which Muon gives and AdamW does not; "
+                          "use --optimizer muon, or another constraint (spectral_hammer, weight_decay, hard_cap, ...) with adamw")
+    if cfg.constraint in ("weight_decay", "spectral_wd") and cfg.wd == 0:
+        raise ConfigError(f"constraint {cfg.constraint} needs --wd > 0")
+    if cfg.wd > 0 and cfg.constraint not in ("weight_decay", "spectral_wd"):
+        raise ConfigError(f"--wd {cfg.wd} is only used by constraint weight_decay or spectral_wd, not {cfg.constraint}")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    per_step = world_size * cfg.micro_batch_tokens
+    if cfg.batch_tokens % per_step:
+        raise ConfigError(
+            f"batch_tokens={cfg.batch_tokens} is not divisible by world_size x micro_batch_tokens = "
+            f"{world_size} x {cfg.micro_batch_tokens} = {per_step}; pick batch_tokens a multiple of {per_step} "
+            f"or a micro_batch_tokens that divides {cfg.batch_tokens // world_size if cfg.batch_tokens % world_size == 0 else cfg.batch_tokens}")
+    return cfg.batch_tokens // per_step
+
+
+# -----------------------------------------------------------------------------
+# Command line
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, RanksDisagree, OtherRankFailed, OSError)
 
