@@ -66,13 +66,14 @@ def post_muon_matrix(m, n, device, seed=0):
 
 
 def projector(name, M, power_iters=POWER_ITERS):
-    """A closure doing what MatrixOptimizer does to one stack after the update (train_gpt.constraint_args,
-    then the constraint), with a warm power-iteration start and the soft cap coupled to Muon at LR."""
+    """A closure doing what MatrixOptimizer does to one stack after the update: train_gpt.project of the
+    weights W = M sqrt(d_out/d_in) whose RMS->RMS-scaled form is M, with a warm power-iteration start and
+    the soft cap coupled to Muon at LR. It returns the projected M."""
+    W, scale = M * tg.rms_scale(M), tg.rms_scale(M)
     state = {"v": tg.power_iteration(M, torch.randn(M.shape[:-2] + (M.size(-1),), device=M.device), 32)[2]}
 
     def run():
-        p = tg.constraint_args(name, M, W_MAX, LR, 0.1, state["v"], power_iters, tg.max_update_norm(LR))
-        return tg.CONSTRAINTS[name](M, p)
+        return tg.project(W, name, W_MAX, LR, 0.1, tg.max_update_norm(LR), state["v"], power_iters)[0] / scale
     return run
 
 

@@ -265,7 +265,7 @@ def bench_ours(cfg: tg.Config, constraints: list[str], rows: int, device, compil
         it = [0]
 
         def step(marks):
-            mat_opt.mark = marks.mark  # the constraint's share, marked around each projection in MatrixOptimizer.step
+            mat_opt.mark = marks.mark  # the constraint's share, marked around each projection in MatrixOptimizer._update
             x, y = batches[it[0] % len(batches)]
             it[0] += 1
             marks.mark("start")
