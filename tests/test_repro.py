@@ -552,6 +552,22 @@ def test_bench_step_smoke(tmp_path):
     assert "configured-vs-eager-fp32 loss check: all within 2% relative" in r.stdout
 
 
+def test_bitwise_check_finds_one_flipped_bit(shakespeare_dir, tmp_path, capsys):
+    """scripts/bitwise_check.py (the refactor check): two 3-step trainings of the same code compare identical
+    (paths and timings aside); one flipped bit in one checkpoint's head is found, and the exit code says so."""
+    import bitwise_check
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        bitwise_check.train_all(REPO, out, ["quick"], 3)
+    assert bitwise_check.main(["--compare", a, b]) == 0 and "quick: 6 metrics records, 3 checkpoints: identical" in capsys.readouterr().out
+    path = os.path.join(b, "quick", "ckpt_final.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["model"]["head"].view(torch.int32)[0, 0] ^= 1  # the last bit of one weight
+    torch.save(ck, path)
+    assert bitwise_check.main(["--compare", a, b]) == 1
+    assert "quick: 6 metrics records, 3 checkpoints: DIFFER in 1 places: ckpt_final.pt.model.head" in capsys.readouterr().out
+
+
 def test_bench_constraints_smoke(tmp_path):
     """scripts/bench_constraints.py at toy shapes and a toy model: every method on every shape, the
     guaranteed ones at or under w_max after the call, the step-fraction table, the tracking check."""
