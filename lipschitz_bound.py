@@ -53,6 +53,7 @@ at its final point, and the search that found the maximum is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -66,7 +67,7 @@ import torch
 from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, UNCONSTRAINED_ARCHS, CheckpointError, ConfigError, DataError, apply_rope,
                        atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
                        load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables,
-                       spectral_norm_exact, validate_config)
+                       validate_config)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -88,6 +89,34 @@ DATA_MAX_WINDOWS = 64             # validation windows read for the data searche
 
 class CertificateError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the eigensolvers (and Cholesky) on one thread. LAPACK's tridiagonalization synchronizes its
+    threads at every column; on a shared CPU, where a thread of a niced process is often descheduled,
+    each of those barriers waits for it: a float64 eigvalsh of a 768 x 768 Gram matrix took 2.6-5.8 s on
+    2 threads and 56 ms on 1 (2-core CPU at load 4.4-4.9, nice 10), which made the 145M certificate
+    take 10+ minutes instead of 25 s (docs/certificate.md, section 9)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
+    with _one_thread():
+        return torch.linalg.eigvalsh(G)
+
+
+def _sigma_exact(W: torch.Tensor) -> torch.Tensor:
+    """train_gpt.spectral_norm_exact (the float64 Gram matrix on the smaller side, its top eigenvalue),
+    with the Gram product on every thread and the eigensolver on one (see _one_thread)."""
+    X = W.detach().double()
+    X = X if X.size(-2) <= X.size(-1) else X.mT
+    return _eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
 
 
 def _gamma(k: int) -> float:
@@ -124,7 +153,7 @@ def sigma_upper(W: torch.Tensor, abs_err: float = 0.0) -> float:
     W = W.detach().double()
     if W.numel() == 0:
         return abs_err
-    lam = float(spectral_norm_exact(W)) ** 2
+    lam = float(_sigma_exact(W)) ** 2
     k, r = max(W.shape[-2:]), min(W.shape[-2:])
     fro2 = float(W.pow(2).sum()) * (1 + _gamma(W.numel()))
     lam_up = lam * (1 + EIG_BACKWARD_CONST * r * UNIT_ROUNDOFF) + _gamma(k) * fro2 + 4 * UNIT_ROUNDOFF * lam
@@ -156,7 +185,7 @@ def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int, rope: str 
     cols_q = Lq.T.unsqueeze(0).expand(seq_len, dh, dh).transpose(0, 1)  # (dh "batch" = columns, T, dh)
     Rq = apply_rope(cols_q.unsqueeze(2), cos, sin).squeeze(2)           # each column of Lq rotated to position t
     M = Rq.permute(1, 0, 2) @ Lk                                        # (T, dh, dh): (R_t Lq)^T Lk
-    return spectral_norm_exact(M)
+    return _sigma_exact(M)
 
 
 def head_qk_bound(Wq_h: torch.Tensor, Wk_h: torch.Tensor, seq_len: int, exact_rope: bool, sq: float, sk: float,
@@ -274,7 +303,7 @@ def _log_concat_sigma_of(P: list, P_err: list, log_w: list) -> float:
     w = [math.exp(lw - top) for lw in log_w]
     G = sum(wi * wi * (Ph @ Ph.T) for wi, Ph in zip(w, P))
     d = G.size(0)
-    lam = float(torch.linalg.eigvalsh(G)[-1].clamp_min(0))
+    lam = float(_eigvalsh(G)[-1].clamp_min(0))
     fro2 = sum(wi * wi * float(Ph.pow(2).sum()) for wi, Ph in zip(w, P))
     lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, P[0].size(1)) + len(P)) * fro2
     err = math.sqrt(sum((wi * e) ** 2 for wi, e in zip(w, P_err)))  # distance of the computed P_h from the exact
@@ -307,7 +336,7 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
     terms = [(B, e) for B, e in terms if e > 0 or bool(B.abs().max() > 0)]
     d = terms[0][0].size(0)
     G = [B @ B.T for B, _ in terms]
-    lam = [max(float(torch.linalg.eigvalsh(g)[-1]), e * e, 1e-300) for g, (_, e) in zip(G, terms)]
+    lam = [max(float(_eigvalsh(g)[-1]), e * e, 1e-300) for g, (_, e) in zip(G, terms)]
 
     def weights(logs):
         m = max(logs)
@@ -316,7 +345,7 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
 
     def top(logs):
         w = weights(logs)
-        return float(torch.linalg.eigvalsh(sum(g / wi for g, wi in zip(G, w)))[-1])
+        return float(_eigvalsh(sum(g / wi for g, wi in zip(G, w)))[-1])
 
     logs = [0.5 * math.log(v) for v in lam]  # w_i ~ sqrt(lambda_max(B_i B_i^T)): at most (sum_i |B_i|)^2
     best, step, n = top(logs), 0.5, 1
@@ -343,7 +372,8 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
     err += ROUNDING_SAFETY * _gamma(len(terms) + 2) * float(S.norm())
     fro = float(S.norm()) + d * err
     S.diagonal().add_(err + max(CHOL_JITTER_MIN, 4 * d * _gamma(d + 1)) * fro)
-    return torch.linalg.cholesky(S)
+    with _one_thread():
+        return torch.linalg.cholesky(S)
 
 
 def _ellipsoid_rms(L: torch.Tensor) -> float:
@@ -458,7 +488,9 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     det = {"best": min(options, key=options.get) if options["value+softmax"] > min(options.values())
            else f"{min(value, key=value.get)}+{min(soft, key=soft.get)}", "max_m_qk": max(h["m_qk"] for h in heads),
            "max_sigma_ov": max(h["sigma_ov"] for h in heads), "sigma_o": s["o"],
-           "max_sigma_v_head": max(h["sigma_v"] for h in heads)}
+           "max_sigma_v_head": max(h["sigma_v"] for h in heads),
+           # the two terms of value+softmax (each its best way, x f): which one dominates
+           "value": math.exp(log_f + min(value.values())), "softmax": math.exp(log_f + min(soft.values()))}
     return log_gain, log_L, det
 
 
