@@ -290,22 +290,33 @@ def mlp_midpoint(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: f
 
 
 def _log_concat_sigma(heads: list, log_w: list) -> float:
-    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound."""
-    return _log_concat_sigma_of([h["Wo_h"] @ h["Wv_h"] for h in heads], [h["P_err"] for h in heads], log_w)
+    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound.
+    The products, their Gram matrices P_h P_h^T and squared Frobenius norms are computed once per head and
+    kept in the head's dict (_attn_tight asks for four weightings per layer; the same floating-point
+    operations as computing them each time)."""
+    for h in heads:
+        if "PPt" not in h:
+            Ph = h["Wo_h"] @ h["Wv_h"]
+            h["PPt"], h["P_fro2"], h["P_cols"] = Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)
+    return _log_concat_sigma_of(None, [h["P_err"] for h in heads], log_w,
+                                grams=[(h["PPt"], h["P_fro2"], h["P_cols"]) for h in heads])
 
 
-def _log_concat_sigma_of(P: list, P_err: list, log_w: list) -> float:
+def _log_concat_sigma_of(P: list | None, P_err: list, log_w: list, grams: list | None = None) -> float:
     """log sigma([w_1 P_1, ..., w_H P_H]) for computed matrices P_h within P_err[h] (l2) of the exact ones:
-    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds."""
+    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds. grams: instead
+    of P, the computed (P_h P_h^T, |P_h|_F^2, columns of P_h)."""
     top = max(log_w)
     if top == -math.inf:
         return -math.inf
     w = [math.exp(lw - top) for lw in log_w]
-    G = sum(wi * wi * (Ph @ Ph.T) for wi, Ph in zip(w, P))
+    if grams is None:
+        grams = [(Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)) for Ph in P]
+    G = sum(wi * wi * g for wi, (g, _, _) in zip(w, grams))
     d = G.size(0)
     lam = float(_eigvalsh(G)[-1].clamp_min(0))
-    fro2 = sum(wi * wi * float(Ph.pow(2).sum()) for wi, Ph in zip(w, P))
-    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, P[0].size(1)) + len(P)) * fro2
+    fro2 = sum(wi * wi * f2 for wi, (_, f2, _) in zip(w, grams))
+    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, grams[0][2]) + len(grams)) * fro2
     err = math.sqrt(sum((wi * e) ** 2 for wi, e in zip(w, P_err)))  # distance of the computed P_h from the exact
     return top + _log(math.sqrt(lam_up) + err)
 
@@ -442,11 +453,12 @@ def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) ->
     log_rP = [_log(sigma_upper(P, e)) for P, e in zip(PL, PLe)]
     WqL, eQ = _mm(layer["W_q"], L)
     rho_Q = sigma_upper(WqL, eQ)
-    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk),
-                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk)])
+    grams = [(P @ P.T, float(P.pow(2).sum()), P.size(1)) for P in PL]  # shared by the three weightings below
+    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk, grams),
+                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk, grams)])
     return {"sum_heads": _lse([p + g for p, g in zip(log_rP, log_g)]),
             "via_Wo": _log(s["o"]) + 0.5 * _lse([2 * (v + g) for v, g in zip(log_rv, log_g)]),
-            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g),
+            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g, grams),
             "shared_query": shared}
 
 
@@ -481,6 +493,9 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     if L is not None:
         soft.update({f"ellipsoid_{k}": v for k, v in _attn_soft_ellipsoid(layer, cfg, L, exact_rope).items()})
     comb = three(log_1c)
+    for h in heads:  # the Gram matrices cached by _log_concat_sigma: 6 x d^2 floats per layer
+        for k in ("PPt", "P_fro2", "P_cols"):
+            h.pop(k, None)
     log_gain = log_f + min(value.values())
     options = dict(comb)
     options["value+softmax"] = _lse([min(value.values()), min(soft.values())])

@@ -99,15 +99,17 @@ def summarize(cert: dict, cfg) -> dict:
     return out
 
 
-def certify_at_cap(cfg, seed: int = 0, mode: str = "all", save: str = "", empirical: dict | None = None) -> dict:
-    """Build model_at_cap(cfg, seed), certify it (and search a lower bound when empirical is a dict of
-    lipschitz_bound.empirical_lower_bound arguments); returns summarize's dict with the times."""
+def certify_at_cap(cfg, seed: int = 0, mode: str = "all", save: str = "", empirical: dict | None = None,
+                   rope: str = "auto", activation: str = "auto") -> dict:
+    """Build model_at_cap(cfg, seed), certify it (rope, activation: lipschitz_bound.certify's analysis),
+    and search a lower bound when empirical is a dict of lipschitz_bound.empirical_lower_bound
+    arguments; returns summarize's dict with the times."""
     t0 = time.perf_counter()
     m = model_at_cap(cfg, seed)
     build_s = time.perf_counter() - t0
     if save:
         save_checkpoint(m, cfg, save)
-    cert = lb.certify(m.state_dict(), cfg, mode)
+    cert = lb.certify(m.state_dict(), cfg, mode, rope=rope, activation=activation)
     out = {"build_s": build_s, **summarize(cert, cfg)}
     if empirical is not None:
         r0 = cert["radius"]
@@ -149,6 +151,10 @@ def main(argv=None) -> int:
                    "a layer_pattern of another length is cleared (attention windows do not enter the certificate)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Gaussian matrices")
     p.add_argument("--mode", default="all", choices=("tight", "all"), help="all: tight, and the published algorithm (paper, paper_code) beside it")
+    p.add_argument("--rope", default="auto", choices=("auto", "exact", "bound"), help="as lipschitz_bound.py --rope "
+                   "(auto: offset-free for the 145M shape; a sweep's shallow models would get the exact offsets)")
+    p.add_argument("--activation", default="auto", choices=("auto", "ellipsoid", "scalar"), help="as lipschitz_bound.py "
+                   "--activation (auto: norm balls for the 145M shape, ellipsoids up to 3 layers at width 768)")
     p.add_argument("--save", default="", help="write the model as a checkpoint here (one depth only)")
     p.add_argument("--empirical", action="store_true", help="also search a lower bound (float64 forward passes: slow at 145M)")
     p.add_argument("--searches", default="jacobian", help="with --empirical: secant and/or jacobian (comma-separated)")
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
             c.layer_pattern = ""
         try:
             tg.validate_config(c)
-            res = certify_at_cap(c, a.seed, a.mode, a.save, empirical)
+            res = certify_at_cap(c, a.seed, a.mode, a.save, empirical, a.rope, a.activation)
         except (tg.ConfigError, lb.CertificateError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
