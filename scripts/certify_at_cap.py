@@ -49,7 +49,6 @@ def model_at_cap(cfg, seed: int = 0) -> tg.GPT:
         raise lb.CertificateError("head_spectral = false caps the head's rows, not its singular values; "
                                   "the model at the cap is defined for a spectral head (head_spectral = true)")
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     m = tg.GPT(cfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
