@@ -53,6 +53,7 @@ at its final point, and the search that found the maximum is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -66,7 +67,7 @@ import torch
 from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, UNCONSTRAINED_ARCHS, CheckpointError, ConfigError, DataError, apply_rope,
                        atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
                        load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables,
-                       spectral_norm_exact, validate_config)
+                       validate_config)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -88,6 +89,34 @@ DATA_MAX_WINDOWS = 64             # validation windows read for the data searche
 
 class CertificateError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the eigensolvers (and Cholesky) on one thread. LAPACK's tridiagonalization synchronizes its
+    threads at every column; on a shared CPU, where a thread of a niced process is often descheduled,
+    each of those barriers waits for it: a float64 eigvalsh of a 768 x 768 Gram matrix took 2.6-5.8 s on
+    2 threads and 56 ms on 1 (2-core CPU at load 4.4-4.9, nice 10), which made the 145M certificate
+    take 10+ minutes instead of 25 s (docs/certificate.md, section 9)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
+    with _one_thread():
+        return torch.linalg.eigvalsh(G)
+
+
+def _sigma_exact(W: torch.Tensor) -> torch.Tensor:
+    """train_gpt.spectral_norm_exact (the float64 Gram matrix on the smaller side, its top eigenvalue),
+    with the Gram product on every thread and the eigensolver on one (see _one_thread)."""
+    X = W.detach().double()
+    X = X if X.size(-2) <= X.size(-1) else X.mT
+    return _eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
 
 
 def _gamma(k: int) -> float:
@@ -124,7 +153,7 @@ def sigma_upper(W: torch.Tensor, abs_err: float = 0.0) -> float:
     W = W.detach().double()
     if W.numel() == 0:
         return abs_err
-    lam = float(spectral_norm_exact(W)) ** 2
+    lam = float(_sigma_exact(W)) ** 2
     k, r = max(W.shape[-2:]), min(W.shape[-2:])
     fro2 = float(W.pow(2).sum()) * (1 + _gamma(W.numel()))
     lam_up = lam * (1 + EIG_BACKWARD_CONST * r * UNIT_ROUNDOFF) + _gamma(k) * fro2 + 4 * UNIT_ROUNDOFF * lam
@@ -156,7 +185,7 @@ def qk_offset_norms(Wq: torch.Tensor, Wk: torch.Tensor, seq_len: int, rope: str 
     cols_q = Lq.T.unsqueeze(0).expand(seq_len, dh, dh).transpose(0, 1)  # (dh "batch" = columns, T, dh)
     Rq = apply_rope(cols_q.unsqueeze(2), cos, sin).squeeze(2)           # each column of Lq rotated to position t
     M = Rq.permute(1, 0, 2) @ Lk                                        # (T, dh, dh): (R_t Lq)^T Lk
-    return spectral_norm_exact(M)
+    return _sigma_exact(M)
 
 
 def head_qk_bound(Wq_h: torch.Tensor, Wk_h: torch.Tensor, seq_len: int, exact_rope: bool, sq: float, sk: float,
@@ -261,22 +290,33 @@ def mlp_midpoint(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: f
 
 
 def _log_concat_sigma(heads: list, log_w: list) -> float:
-    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound."""
-    return _log_concat_sigma_of([h["Wo_h"] @ h["Wv_h"] for h in heads], [h["P_err"] for h in heads], log_w)
+    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound.
+    The products, their Gram matrices P_h P_h^T and squared Frobenius norms are computed once per head and
+    kept in the head's dict (_attn_tight asks for four weightings per layer; the same floating-point
+    operations as computing them each time)."""
+    for h in heads:
+        if "PPt" not in h:
+            Ph = h["Wo_h"] @ h["Wv_h"]
+            h["PPt"], h["P_fro2"], h["P_cols"] = Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)
+    return _log_concat_sigma_of(None, [h["P_err"] for h in heads], log_w,
+                                grams=[(h["PPt"], h["P_fro2"], h["P_cols"]) for h in heads])
 
 
-def _log_concat_sigma_of(P: list, P_err: list, log_w: list) -> float:
+def _log_concat_sigma_of(P: list | None, P_err: list, log_w: list, grams: list | None = None) -> float:
     """log sigma([w_1 P_1, ..., w_H P_H]) for computed matrices P_h within P_err[h] (l2) of the exact ones:
-    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds."""
+    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds. grams: instead
+    of P, the computed (P_h P_h^T, |P_h|_F^2, columns of P_h)."""
     top = max(log_w)
     if top == -math.inf:
         return -math.inf
     w = [math.exp(lw - top) for lw in log_w]
-    G = sum(wi * wi * (Ph @ Ph.T) for wi, Ph in zip(w, P))
+    if grams is None:
+        grams = [(Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)) for Ph in P]
+    G = sum(wi * wi * g for wi, (g, _, _) in zip(w, grams))
     d = G.size(0)
-    lam = float(torch.linalg.eigvalsh(G)[-1].clamp_min(0))
-    fro2 = sum(wi * wi * float(Ph.pow(2).sum()) for wi, Ph in zip(w, P))
-    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, P[0].size(1)) + len(P)) * fro2
+    lam = float(_eigvalsh(G)[-1].clamp_min(0))
+    fro2 = sum(wi * wi * f2 for wi, (_, f2, _) in zip(w, grams))
+    lam_up = lam * (1 + EIG_BACKWARD_CONST * d * UNIT_ROUNDOFF) + ROUNDING_SAFETY * _gamma(max(d, grams[0][2]) + len(grams)) * fro2
     err = math.sqrt(sum((wi * e) ** 2 for wi, e in zip(w, P_err)))  # distance of the computed P_h from the exact
     return top + _log(math.sqrt(lam_up) + err)
 
@@ -307,7 +347,7 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
     terms = [(B, e) for B, e in terms if e > 0 or bool(B.abs().max() > 0)]
     d = terms[0][0].size(0)
     G = [B @ B.T for B, _ in terms]
-    lam = [max(float(torch.linalg.eigvalsh(g)[-1]), e * e, 1e-300) for g, (_, e) in zip(G, terms)]
+    lam = [max(float(_eigvalsh(g)[-1]), e * e, 1e-300) for g, (_, e) in zip(G, terms)]
 
     def weights(logs):
         m = max(logs)
@@ -316,7 +356,7 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
 
     def top(logs):
         w = weights(logs)
-        return float(torch.linalg.eigvalsh(sum(g / wi for g, wi in zip(G, w)))[-1])
+        return float(_eigvalsh(sum(g / wi for g, wi in zip(G, w)))[-1])
 
     logs = [0.5 * math.log(v) for v in lam]  # w_i ~ sqrt(lambda_max(B_i B_i^T)): at most (sum_i |B_i|)^2
     best, step, n = top(logs), 0.5, 1
@@ -343,7 +383,8 @@ def _ellipsoid_of_sum(terms: list, evals: int = MINKOWSKI_EVALS) -> torch.Tensor
     err += ROUNDING_SAFETY * _gamma(len(terms) + 2) * float(S.norm())
     fro = float(S.norm()) + d * err
     S.diagonal().add_(err + max(CHOL_JITTER_MIN, 4 * d * _gamma(d + 1)) * fro)
-    return torch.linalg.cholesky(S)
+    with _one_thread():
+        return torch.linalg.cholesky(S)
 
 
 def _ellipsoid_rms(L: torch.Tensor) -> float:
@@ -412,11 +453,12 @@ def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) ->
     log_rP = [_log(sigma_upper(P, e)) for P, e in zip(PL, PLe)]
     WqL, eQ = _mm(layer["W_q"], L)
     rho_Q = sigma_upper(WqL, eQ)
-    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk),
-                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk)])
+    grams = [(P @ P.T, float(P.pow(2).sum()), P.size(1)) for P in PL]  # shared by the three weightings below
+    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk, grams),
+                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk, grams)])
     return {"sum_heads": _lse([p + g for p, g in zip(log_rP, log_g)]),
             "via_Wo": _log(s["o"]) + 0.5 * _lse([2 * (v + g) for v, g in zip(log_rv, log_g)]),
-            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g),
+            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g, grams),
             "shared_query": shared}
 
 
@@ -451,6 +493,9 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     if L is not None:
         soft.update({f"ellipsoid_{k}": v for k, v in _attn_soft_ellipsoid(layer, cfg, L, exact_rope).items()})
     comb = three(log_1c)
+    for h in heads:  # the Gram matrices cached by _log_concat_sigma: 6 x d^2 floats per layer
+        for k in ("PPt", "P_fro2", "P_cols"):
+            h.pop(k, None)
     log_gain = log_f + min(value.values())
     options = dict(comb)
     options["value+softmax"] = _lse([min(value.values()), min(soft.values())])
@@ -458,7 +503,9 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     det = {"best": min(options, key=options.get) if options["value+softmax"] > min(options.values())
            else f"{min(value, key=value.get)}+{min(soft, key=soft.get)}", "max_m_qk": max(h["m_qk"] for h in heads),
            "max_sigma_ov": max(h["sigma_ov"] for h in heads), "sigma_o": s["o"],
-           "max_sigma_v_head": max(h["sigma_v"] for h in heads)}
+           "max_sigma_v_head": max(h["sigma_v"] for h in heads),
+           # the two terms of value+softmax (each its best way, x f): which one dominates
+           "value": math.exp(log_f + min(value.values())), "softmax": math.exp(log_f + min(soft.values()))}
     return log_gain, log_L, det
 
 

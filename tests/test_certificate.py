@@ -746,3 +746,59 @@ def test_norms_cli_reads_metrics_jsonl_json_and_reference_logs(tmp_path, capsys)
                          (("--at_cap",), "pass --config"), ((), "give a checkpoint")]:
         rc, _, err = cli(capsys, *args)
         assert rc == 2 and needle in err, (args, err)
+
+
+# ---- scripts/certify_at_cap.py: the model at the cap of docs/certificate.md, section 9
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import certify_at_cap  # noqa: E402
+
+
+def test_model_at_cap_has_every_singular_value_at_the_cap():
+    """Every singular value of every hidden matrix at w_max and of the head at head_w_max (RMS->RMS, so
+    sigma = cap sqrt(d_out/d_in): fc is 64 x 16, proj 16 x 64), to float32 precision against an SVD in
+    float64; every embedding row at RMS emb_w_max, none above it."""
+    cfg = tiny_cfg(vocab_size=40, n_layer=2, n_head=2, w_max=2.0, head_w_max=0.5, emb_w_max=1.5)
+    m = certify_at_cap.model_at_cap(cfg, seed=3)
+    mats = dict(tg.named_matrices({n: p.detach() for n, p in m.named_parameters()}))
+    assert len(mats) == 2 + 6 * cfg.n_layer
+    for name, W in mats.items():
+        if name == "embed.weight":
+            rms = W.double().pow(2).mean(-1).sqrt()
+            assert float(rms.max()) <= 1.5 and float(rms.min()) >= 1.5 * (1 - 1e-6), name
+            continue
+        cap = 0.5 if name == "head" else 2.0
+        sv = torch.linalg.svdvals(W.double()) / tg.rms_scale(W)
+        assert sv.min().item() == pytest.approx(cap, rel=1e-6) and sv.max().item() == pytest.approx(cap, rel=1e-6), name
+    m2 = certify_at_cap.model_at_cap(cfg, seed=4)
+    assert not torch.equal(m.blocks[0].attn.proj, m2.blocks[0].attn.proj)  # the seed is used
+
+
+def test_certify_at_cap_equals_lipschitz_bound_on_its_checkpoint(tmp_path, capsys):
+    """The script's bound is lipschitz_bound.py's on the same model saved as a checkpoint; its per-layer
+    factors add up to the bound, and each attention factor is at most skip + branch (value + softmax)
+    (the option the split reports); the depth sweep prints one result per depth."""
+    cfg = tiny_cfg(vocab_size=40, n_layer=2, n_head=2, softmax_scale=4.0, final_scale=2.0, w_max=1.5)
+    ck = tmp_path / "cap.pt"
+    res = certify_at_cap.certify_at_cap(cfg, seed=1, save=str(ck))
+    cert = lb.certify_checkpoint(str(ck))
+    assert res["log10_tight"] == cert["modes"]["tight"]["log10_bound"]
+    assert res["log10_paper"] == cert["modes"]["paper"]["log10_bound"]
+    assert res["log10_tight"] == pytest.approx(res["log10_attn_total"] + res["log10_mlp_total"] + res["log10_head"], abs=1e-12)
+    assert res["log10_head"] == pytest.approx(math.log10(2.0 * 1.0), abs=1e-7)  # final_scale x head at its cap 1 (float32 weights)
+    skip, branch = tg.residual_coeffs(cfg)
+    for r in res["layers"]:
+        assert 10 ** r["log10_attn"] <= (skip + branch * (r["attn_value"] + r["attn_softmax"])) * (1 + 1e-12)
+    assert res["dominates"] == "attention"
+    assert all(r["attn_softmax"] > r["attn_value"] for r in res["layers"])  # s 4 x 2 heads: the softmax term dominates
+    toml = tmp_path / "cap.toml"
+    toml.write_text("".join(f"{k} = {json.dumps(getattr(cfg, k))}\n" for k in (
+        "vocab_size", "n_layer", "n_head", "d_model", "seq_len", "softmax_scale", "final_scale", "w_max", "constraint")))
+    assert certify_at_cap.main(["--config", str(toml), "--n_layer", "1,2", "--seed", "1", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["n_layer"] for x in lines] == [1, 2]
+    assert lines[1]["log10_tight"] == res["log10_tight"] and lines[0]["log10_tight"] < res["log10_tight"]
+    for args, needle in [(["--n_layer", "0"], "positive integers"), (["--n_layer", "1,2", "--save", str(ck)], "one depth"),
+                         (["--empirical", "--searches", "data"], "no data")]:
+        assert certify_at_cap.main(["--config", str(toml), *args]) == 2
+        assert needle in capsys.readouterr().err, args
