@@ -66,7 +66,8 @@ import torch
 
 from train_gpt import (FINAL_CKPT, GELU_MAX_SLOPE, GPT, UNCONSTRAINED_ARCHS, CheckpointError, ConfigError, DataError, apply_rope,
                        atomic_save, attn_out_factor, attn_scale, config_from_checkpoint, config_from_dict,
-                       load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables)
+                       load_checkpoint, load_val_tokens, named_matrices, parse_config, residual_coeffs, rms_scale, rope_tables,
+                       _wide)
 
 MODES = ("paper", "paper_code", "tight")
 UNIT_ROUNDOFF = 2.0 ** -53        # float64
@@ -113,8 +114,7 @@ def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
 def _sigma_exact(W: torch.Tensor) -> torch.Tensor:
     """train_gpt.spectral_norm_exact (the float64 Gram matrix on the smaller side, its top eigenvalue),
     with the Gram product on every thread and the eigensolver on one (see _one_thread)."""
-    X = W.detach().double()
-    X = X if X.size(-2) <= X.size(-1) else X.mT
+    X, _ = _wide(W.detach().double())
     return _eigvalsh(X @ X.mT)[..., -1].clamp_min(0).sqrt()
 
 
@@ -286,29 +286,26 @@ def mlp_midpoint(W_in: torch.Tensor, W_out: torch.Tensor, skip: float, branch: f
     return A, coef * _product_err(W_out, W_in) + 2 * UNIT_ROUNDOFF * float(A.norm())
 
 
-def _log_concat_sigma(heads: list, log_w: list) -> float:
-    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h the d x d products, w_h = exp(log_w[h])) as an upper bound.
-    The products, their Gram matrices P_h P_h^T and squared Frobenius norms are computed once per head and
-    kept in the head's dict (_attn_tight asks for four weightings per layer; the same floating-point
-    operations as computing them each time)."""
-    for h in heads:
-        if "PPt" not in h:
-            Ph = h["Wo_h"] @ h["Wv_h"]
-            h["PPt"], h["P_fro2"], h["P_cols"] = Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)
-    return _log_concat_sigma_of(None, [h["P_err"] for h in heads], log_w,
-                                grams=[(h["PPt"], h["P_fro2"], h["P_cols"]) for h in heads])
+def _gram(P: torch.Tensor) -> tuple:
+    """(P P^T, |P|_F^2, columns of P): what _log_concat_sigma_of needs of a computed product P."""
+    return P @ P.T, float(P.pow(2).sum()), P.size(1)
 
 
-def _log_concat_sigma_of(P: list | None, P_err: list, log_w: list, grams: list | None = None) -> float:
-    """log sigma([w_1 P_1, ..., w_H P_H]) for computed matrices P_h within P_err[h] (l2) of the exact ones:
-    lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus rounding bounds. grams: instead
-    of P, the computed (P_h P_h^T, |P_h|_F^2, columns of P_h)."""
+def _log_concat_sigma(heads: list, log_w: list, grams: list | None = None) -> float:
+    """log sigma([w_1 P_1, ..., w_H P_H]) (P_h = W_o^h W_v^h, w_h = exp(log_w[h])) as an upper bound; grams:
+    [_gram(P_h)] when the caller already has them (_attn_tight asks for four weightings per layer)."""
+    grams = grams or [_gram(h["Wo_h"] @ h["Wv_h"]) for h in heads]
+    return _log_concat_sigma_of(grams, [h["P_err"] for h in heads], log_w)
+
+
+def _log_concat_sigma_of(grams: list, P_err: list, log_w: list) -> float:
+    """log sigma([w_1 P_1, ..., w_H P_H]) for computed matrices P_h within P_err[h] (l2) of the exact ones,
+    given grams[h] = _gram(P_h): lambda_max(sum_h w_h^2 P_h P_h^T), rescaled by the largest weight, plus
+    rounding bounds."""
     top = max(log_w)
     if top == -math.inf:
         return -math.inf
     w = [math.exp(lw - top) for lw in log_w]
-    if grams is None:
-        grams = [(Ph @ Ph.T, float(Ph.pow(2).sum()), Ph.size(1)) for Ph in P]
     G = sum(wi * wi * g for wi, (g, _, _) in zip(w, grams))
     d = G.size(0)
     lam = float(_eigvalsh(G)[-1].clamp_min(0))
@@ -450,12 +447,12 @@ def _attn_soft_ellipsoid(layer: dict, cfg, L: torch.Tensor, exact_rope: bool) ->
     log_rP = [_log(sigma_upper(P, e)) for P, e in zip(PL, PLe)]
     WqL, eQ = _mm(layer["W_q"], L)
     rho_Q = sigma_upper(WqL, eQ)
-    grams = [(P @ P.T, float(P.pow(2).sum()), P.size(1)) for P in PL]  # shared by the three weightings below
-    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(PL, PLe, log_rk, grams),
-                                     _log(rho_Q) + _log_concat_sigma_of(PL, PLe, sk, grams)])
+    grams = [_gram(P) for P in PL]  # shared by the three weightings below
+    shared = math.log(kappa) + _lse([_log(s["q"]) + _log_concat_sigma_of(grams, PLe, log_rk),
+                                     _log(rho_Q) + _log_concat_sigma_of(grams, PLe, sk)])
     return {"sum_heads": _lse([p + g for p, g in zip(log_rP, log_g)]),
             "via_Wo": _log(s["o"]) + 0.5 * _lse([2 * (v + g) for v, g in zip(log_rv, log_g)]),
-            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(PL, PLe, log_g, grams),
+            "concat": 0.5 * math.log(H) + _log_concat_sigma_of(grams, PLe, log_g),
             "shared_query": shared}
 
 
@@ -474,11 +471,12 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     log_1c = [_log1p_exp(c) for c in log_c]
     log_ov = [_log(h["sigma_ov"]) for h in heads]
     log_v = [_log(h["sigma_v"]) for h in heads]
+    grams = [_gram(h["Wo_h"] @ h["Wv_h"]) for h in heads]  # for the four weightings of the concatenated heads
 
     def three(weights):  # the three ways to add heads up, each valid; weights = log of per-head factors
         sum_heads = _lse([o + w for o, w in zip(log_ov, weights)])
         via_wo = _log(s["o"]) + 0.5 * _lse([2 * (v + w) for v, w in zip(log_v, weights)])
-        concat = 0.5 * math.log(H) + _log_concat_sigma(heads, weights)
+        concat = 0.5 * math.log(H) + _log_concat_sigma(heads, weights, grams)
         return {"sum_heads": sum_heads, "via_Wo": via_wo, "concat": concat}
 
     value = three([0.0] * H)
@@ -486,13 +484,10 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
     # the heads share one query: sum_h |W_q^h x_t|^2 = |W_q x_t|^2, so by Cauchy-Schwarz over heads the
     # softmax terms add up to 2 s n_head a^2 sigma(W_q) sigma([sigma_k^1 P_1 ... sigma_k^H P_H])
     soft["shared_query"] = (log_2kd + 2 * log_a + _log(s["q"])
-                            + _log_concat_sigma(heads, [_log(h["sigma_k"]) for h in heads]))
+                            + _log_concat_sigma(heads, [_log(h["sigma_k"]) for h in heads], grams))
     if L is not None:
         soft.update({f"ellipsoid_{k}": v for k, v in _attn_soft_ellipsoid(layer, cfg, L, exact_rope).items()})
     comb = three(log_1c)
-    for h in heads:  # the Gram matrices cached by _log_concat_sigma: 6 x d^2 floats per layer
-        for k in ("PPt", "P_fro2", "P_cols"):
-            h.pop(k, None)
     log_gain = log_f + min(value.values())
     options = dict(comb)
     options["value+softmax"] = _lse([min(value.values()), min(soft.values())])
@@ -501,9 +496,14 @@ def _attn_tight(layer: dict, cfg, log_a: float, L: torch.Tensor | None = None,
            else f"{min(value, key=value.get)}+{min(soft, key=soft.get)}", "max_m_qk": max(h["m_qk"] for h in heads),
            "max_sigma_ov": max(h["sigma_ov"] for h in heads), "sigma_o": s["o"],
            "max_sigma_v_head": max(h["sigma_v"] for h in heads),
-           # the two terms of value+softmax (each its best way, x f): which one dominates
-           "value": math.exp(log_f + min(value.values())), "softmax": math.exp(log_f + min(soft.values()))}
+           # the two terms of value+softmax (each its best way, x f), log10: which one dominates
+           "log10_value": (log_f + min(value.values())) / LN10, "log10_softmax": (log_f + min(soft.values())) / LN10}
     return log_gain, log_L, det
+
+
+def _radius(pre: dict, cfg) -> float:
+    """r0, the RMS norm every input vector is bounded by: emb_w_max, or the largest embedding row if above."""
+    return max(cfg.emb_w_max, pre["emb"])
 
 
 def _bound(pre: dict, cfg, mode: str, ellipsoid: bool = False) -> dict:
@@ -511,7 +511,7 @@ def _bound(pre: dict, cfg, mode: str, ellipsoid: bool = False) -> dict:
     ellipsoid (tight only), activation sets are also propagated as ellipsoids (section 5)."""
     skip, branch = residual_coeffs(cfg)  # x <- skip x + branch f(x)
     la, lb = math.log(skip), math.log(branch)
-    r0 = max(cfg.emb_w_max, pre["emb"])
+    r0 = _radius(pre, cfg)
     log_a = math.log(r0)
     ellipsoid = ellipsoid and mode == "tight"
     L = math.sqrt(cfg.d_model) * r0 * torch.eye(cfg.d_model, dtype=torch.float64) if ellipsoid else None
@@ -653,6 +653,13 @@ def _check_norms(norms, cfg) -> dict:
     return out
 
 
+def require_certifiable(cfg) -> None:
+    """A CertificateError unless cfg.arch is a Lipschitz architecture (lipschitz, plain_residual)."""
+    if cfg.arch in UNCONSTRAINED_ARCHS:
+        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified ({cfg.arch}'s "
+                               "RMSNorm and QK-norm have no global Lipschitz bound)")
+
+
 def paper_bound_from_norms(norms: dict, config, mode: str = "all") -> dict:
     """The published algorithm (--mode paper, paper_code; not an upper bound in general) from per-matrix
     RMS->RMS norms alone, keyed as train_gpt.matrix_norms (a run's metrics.jsonl logs them at every eval).
@@ -661,8 +668,7 @@ def paper_bound_from_norms(norms: dict, config, mode: str = "all") -> dict:
     cfg = _config(config)
     if mode not in PAPER_MODES + ("all",):
         raise CertificateError(f"mode {mode!r} from norms alone: choose paper, paper_code or all; {NEEDS_WEIGHTS}")
-    if cfg.arch == "baseline":
-        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified")
+    require_certifiable(cfg)
     norms = _check_norms(norms, cfg)
     pre = _pre_from_norms(norms, cfg)
     results = {m: _bound(pre, cfg, m) for m in (PAPER_MODES if mode == "all" else (mode,))}
@@ -670,7 +676,7 @@ def paper_bound_from_norms(norms: dict, config, mode: str = "all") -> dict:
     out["mode"] = mode
     if mode == "all":
         out["modes"] = results
-    out["norms"], out["radius"], out["tight"] = norms, max(cfg.emb_w_max, pre["emb"]), NEEDS_WEIGHTS
+    out["norms"], out["radius"], out["tight"] = norms, _radius(pre, cfg), NEEDS_WEIGHTS
     return out
 
 
@@ -792,9 +798,7 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
         raise CertificateError(f"rope {rope!r} is not one of auto, exact, bound")
     if activation not in ("auto", "ellipsoid", "scalar"):
         raise CertificateError(f"activation {activation!r} is not one of auto, ellipsoid, scalar")
-    if cfg.arch in UNCONSTRAINED_ARCHS:
-        raise CertificateError(f"arch={cfg.arch}: only the Lipschitz architectures are certified ({cfg.arch}'s "
-                               "RMSNorm and QK-norm have no global Lipschitz bound)")
+    require_certifiable(cfg)
     _check_state(state_dict, cfg)
     exact_rope, ellipsoid = analysis_choices(cfg, rope, activation)
     t0 = time.perf_counter()
@@ -807,7 +811,7 @@ def certify(state_dict: dict, config, mode: str = "all", empirical: bool = False
     if mode == "all":
         out["modes"] = results
     out["norms"] = pre["norms"]
-    r0 = max(cfg.emb_w_max, pre["emb"])
+    r0 = _radius(pre, cfg)
     out["domain"] = (f"sequences of 1..{cfg.seq_len} vectors in R^{cfg.d_model}, each of RMS norm <= r0 = {r0:.6g} "
                      "(emb_w_max, or the largest embedding row if above); norm max_t RMS(x_t)")
     out["output_norm"] = (f"logits, max_t RMS over the {cfg.vocab_size} vocabulary entries "

@@ -68,12 +68,12 @@ def post_muon_matrix(m, n, device, seed=0):
 def projector(name, M, power_iters=POWER_ITERS):
     """A closure doing what MatrixOptimizer does to one stack after the update: train_gpt.project of the
     weights W = M sqrt(d_out/d_in) whose RMS->RMS-scaled form is M, with a warm power-iteration start and
-    the soft cap coupled to Muon at LR. It returns the projected M."""
-    W, scale = M * tg.rms_scale(M), tg.rms_scale(M)
+    the soft cap coupled to Muon at LR. It returns the projected W (what the trainer keeps)."""
+    W = M * tg.rms_scale(M)
     state = {"v": tg.power_iteration(M, torch.randn(M.shape[:-2] + (M.size(-1),), device=M.device), 32)[2]}
 
     def run():
-        return tg.project(W, name, W_MAX, LR, 0.1, tg.max_update_norm(LR), state["v"], power_iters)[0] / scale
+        return tg.project(W, name, W_MAX, LR, 0.1, tg.max_update_norm(LR), state["v"], power_iters)[0]
     return run
 
 
@@ -87,7 +87,7 @@ def bench_shapes(shapes, device, repeats, methods):
             run = projector(name, M)
             try:
                 t = median_time(run, device, reps)
-                after = float(tg.spectral_norm_exact(run())) / W_MAX
+                after = float(tg.spectral_norm_exact(run())) / tg.rms_scale(M) / W_MAX
             except ValueError as e:  # hard_cap_poly's refusal, say
                 print(f"{name:<19}{f'{m}x{n}':>12}   refused: {e}")
                 continue
@@ -138,10 +138,13 @@ def step_fraction(config, device, repeats, methods):
     return out
 
 
+TRACK_BURN_IN = 5  # tracking: the first steps, while the warm start settles, are not scored
+
+
 def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
     """How far the warm-started estimate (cfg.power_iters per step) lags sigma_1 while the matrix
     takes full-rank Muon-shaped steps of RMS->RMS size lr (spectrum with a clustered top)."""
-    if steps <= 5:  # the first 5 steps are not scored
+    if steps <= TRACK_BURN_IN:
         return
     iters = POWER_ITERS
     print(f"\nwarm-started power iteration ({iters} iterations/step, 256x768, top 32 singular values equal):")
@@ -155,10 +158,10 @@ def tracking(device, lr_values=(5e-4, 1e-3, 0.02, 0.05), steps=25):
             if t:
                 W = W + lr * tg.msign(torch.randn(256, 768, generator=g).to(device), 5)
             _, sigma, v = tg.power_iteration(W, v, 32 if t == 0 else iters)
-            if t >= 5:
+            if t >= TRACK_BURN_IN:
                 exact = float(tg.spectral_norm_exact(W))
                 worst = max(worst, (exact - float(sigma)) / exact)
-        print(f"  step size {lr:<6}: worst relative underestimate of sigma_1 over steps 5-{steps - 1}: {worst:.2e}")
+        print(f"  step size {lr:<6}: worst relative underestimate of sigma_1 over steps {TRACK_BURN_IN}-{steps - 1}: {worst:.2e}")
 
 
 def main():
@@ -182,8 +185,9 @@ def main():
     else:
         try:
             shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-            assert all(len(s) == 2 and min(s) > 0 for s in shapes)
-        except (ValueError, AssertionError):
+        except ValueError:
+            shapes = []
+        if not shapes or not all(len(s) == 2 and min(s) > 0 for s in shapes):
             ap.error(f"--shapes {args.shapes!r}: give shakespeare, 145m, all or a list like 256x1024,65x256")
     res = bench_shapes(shapes, device, args.repeats, methods)
     frac = step_fraction(args.config, device, args.repeats, methods)

@@ -43,8 +43,7 @@ import train_gpt as tg  # noqa: E402
 def model_at_cap(cfg, seed: int = 0) -> tg.GPT:
     """GPT(cfg) with every singular value of every hidden matrix at w_max (RMS->RMS), of the head at
     head_w_max, and every embedding row at RMS emb_w_max (float32, as a checkpoint stores them)."""
-    if cfg.arch in tg.UNCONSTRAINED_ARCHS:
-        raise lb.CertificateError(f"arch={cfg.arch} has no certificate: use arch lipschitz or plain_residual")
+    lb.require_certifiable(cfg)
     if not cfg.head_spectral:
         raise lb.CertificateError("head_spectral = false caps the head's rows, not its singular values; "
                                   "the model at the cap is defined for a spectral head (head_spectral = true)")
@@ -85,7 +84,8 @@ def summarize(cert: dict, cfg) -> dict:
         row[f"log10_{kind}"] = r["log10_factor"]
         if kind == "attn":
             row["log10_act_in"] = r["log10_act_in"]
-            row["attn_value"], row["attn_softmax"] = r["norms"]["value"], r["norms"]["softmax"]
+            row["log10_attn_value"], row["log10_attn_softmax"] = r["norms"]["log10_value"], r["norms"]["log10_softmax"]
+            row["attn_value"], row["attn_softmax"] = lb._num(row["log10_attn_value"]), lb._num(row["log10_attn_softmax"])
             row["attn_best"] = r["norms"]["best"]
     attn = sum(r["log10_attn"] for r in layers)
     mlp = sum(r["log10_mlp"] for r in layers)
@@ -127,8 +127,8 @@ def format_result(res: dict, cfg) -> str:
              f"final_scale {cfg.final_scale:g}, arch {cfg.arch}; q-k: {res['rope']}; activation sets: {res['activation_sets']}",
              f"{'layer':>5} {'act in':>8} {'attention':>10} {'value':>9} {'softmax':>9} {'MLP':>9}  attention's best way"]
     for r in res["layers"]:
-        lines.append(f"{r['layer']:>5} {f(r['log10_act_in']):>8} {f(r['log10_attn']):>10} {r['attn_value']:>9.4g} "
-                     f"{r['attn_softmax']:>9.4g} {f(r['log10_mlp']):>9}  {r['attn_best']}")
+        lines.append(f"{r['layer']:>5} {f(r['log10_act_in']):>8} {f(r['log10_attn']):>10} {f(r['log10_attn_value']):>9} "
+                     f"{f(r['log10_attn_softmax']):>9} {f(r['log10_mlp']):>9}  {r['attn_best']}")
     lines.append(f"head factor {f(res['log10_head'])}; all attention {f(res['log10_attn_total'])}, all MLP "
                  f"{f(res['log10_mlp_total'])} (dominates: {res['dominates']}); per layer {f(res['log10_per_layer'])} "
                  f"(log10 {res['log10_per_layer']:.4f})")

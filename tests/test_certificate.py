@@ -116,7 +116,6 @@ def test_mlp_and_final_scale_by_hand():
     assert 10 ** cert["modes"]["paper_code"]["log10_bound"] == pytest.approx(paper / 3, rel=1e-7)
 
 
-
 ANALYSES = [("exact", "ellipsoid"), ("bound", "ellipsoid"), ("exact", "scalar"), ("bound", "scalar")]
 
 
@@ -174,6 +173,7 @@ def test_auto_picks_offset_free_rope_and_norm_balls_for_the_145M_model():
     assert lb.analysis_choices(tg.Config(n_layer=3, n_head=4, d_model=256, seq_len=256)) == (True, True)
     assert lb.analysis_choices(tg.Config(), "exact", "ellipsoid") == (True, True)
     assert lb.analysis_choices(tiny_cfg(), "bound", "scalar") == (False, False)
+
 
 def test_norms_are_upper_bounds_and_match_trainer_log():
     cfg = tiny_cfg(n_layer=2, n_head=4, d_model=32, vocab_size=24)
@@ -253,7 +253,7 @@ def test_paper_mlp_constant_is_not_an_upper_bound():
 
 
 GRID = [  # (kind, w_max, n_layer, n_head, softmax_scale, arch, log10 tight bound, log10 best search), the last two measured
-("random", 0.5, 1, 1, 1.0, "lipschitz", -0.499960, -0.593366),
+    ("random", 0.5, 1, 1, 1.0, "lipschitz", -0.499960, -0.593366),
     ("random", 1.0, 2, 2, 24.0, "lipschitz", 0.917281, -0.318110),
     ("random", 4.0, 3, 4, 8.0, "lipschitz", 11.621517, 1.297508),
     ("random", 16.0, 4, 8, 1.0, "lipschitz", 49.455983, 8.341751),
@@ -275,9 +275,10 @@ TRAINED_BOUND_PIN = 0.02  # log10, trained models: their weights carry the train
 # change of project_rows moved two trained rows by 3.6e-3 decades); halving the bound moves it 0.3
 # The searches are chaotic in their inputs: a one-ulp change of the embedding rows at init moved the
 # best search of ("random", 16, 4, 8) from 10^7.42 to 10^8.34 and of ("identity", 16, 1, 2) from 10^2.37
-# to 10^2.22. So the search is pinned from below only, LOWER_SLACK under its measured value: a search
-# that loses its starts or most of its steps falls further.
-LOWER_SLACK = 0.3
+# to 10^2.22. So the search is pinned from below only, LOWER_SLACK under its measured value: above the
+# largest such move seen (0.92 decades), so another CPU's rounding does not fail it; a search that loses its
+# starts or most of its steps falls further.
+LOWER_SLACK = 1.0
 
 
 @pytest.mark.parametrize("kind,w_max,L,H,s,arch,log10_bound,log10_lower", GRID)
@@ -772,6 +773,19 @@ def test_model_at_cap_has_every_singular_value_at_the_cap():
         assert sv.min().item() == pytest.approx(cap, rel=1e-6) and sv.max().item() == pytest.approx(cap, rel=1e-6), name
     m2 = certify_at_cap.model_at_cap(cfg, seed=4)
     assert not torch.equal(m.blocks[0].attn.proj, m2.blocks[0].attn.proj)  # the seed is used
+
+
+def test_bounds_past_float_range_and_unconstrained_archs():
+    """A model at a cap of 1e4 over 20 layers has per-layer terms past 1e308: the bound and its value and
+    softmax terms stay in log10 (no OverflowError); the published algorithm from norms refuses the speedrun
+    arch as certify does."""
+    cfg = tg.Config(vocab_size=16, n_layer=20, n_head=1, d_model=16, seq_len=16, constraint="none", w_max=1e4)
+    res = certify_at_cap.certify_at_cap(cfg, mode="tight", activation="scalar")
+    last = res["layers"][-1]
+    assert math.isfinite(res["log10_tight"]) and res["log10_tight"] > 308
+    assert last["log10_attn_softmax"] > 308 and last["attn_softmax"] is None  # too large for a float: log10 only
+    with pytest.raises(lb.CertificateError, match="arch=speedrun"):
+        lb.paper_bound_from_norms({}, tg.Config(arch="speedrun", constraint="none", head_spectral=False, n_layer=8))
 
 
 def test_certify_at_cap_equals_lipschitz_bound_on_its_checkpoint(tmp_path, capsys):
