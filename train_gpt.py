@@ -108,6 +108,7 @@ def attn_scale(cfg) -> float:
 # Configuration: every hyperparameter, typed, with the paper's 145M hyperparameters as defaults;
 # each field carries its choices and range (parsing and the rules between fields: Part 2)
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the choices of dtype and soft_cap_dtype
 CHECKS = {"positive": ("> 0", lambda v: v > 0 and math.isfinite(v)),
           "nonneg": (">= 0 and finite", lambda v: v >= 0 and math.isfinite(v)),
           "unit": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
@@ -183,7 +184,7 @@ class Config:
     ns_coeffs: str = setting("polar_express", "Newton-Schulz coefficients: polar_express (ours: Polar Express, normalized with a 1.01 margin), reference (the 145M scripts' five fixed quintics after dividing by ||G||_F + 1e-7; needs ns_steps 5) or speedrun (the record's one quintic (3.4445, -4.7750, 2.0315) ns_steps times, after the same division)", choices=("polar_express", "reference", "speedrun"))
     hidden_init: str = setting("orthogonal", "init of W_q, W_k, W_v and W_in: orthogonal (exact, RMS->RMS norm min(1, w_max)) or ns_uniform (the 145M scripts': uniform entries through their 5-step Newton-Schulz, RMS->RMS norm up to ~1.15 at step 0; times min(1, w_max))", choices=("orthogonal", "ns_uniform"))
     embed_cap: str = setting("project", "how rows are held to RMS <= emb_w_max: project (every row, at init and after each step) or lookup (the 145M scripts' nn.Embedding(max_norm=emb_w_max sqrt(d_model)): a row is renormalized in place when a forward pass (training or eval) looks it up)", choices=("project", "lookup"), fixed=True)
-    soft_cap_dtype: str = setting("fp32", "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it", choices=("fp32", "bf16"))
+    soft_cap_dtype: str = setting("fp32", "precision of the soft cap's polynomial: fp32, or bf16 (the 145M scripts': the capped weights come out rounded to bf16 every step); other constraints ignore it", choices=tuple(DTYPES))
     cooldown_frac: float = setting(0.4, "fraction of steps, at the end, of linear lr decay", check="unit")
     final_lr_frac: float = setting(0.1, "lr multiplier reached at the last step", check="unit")
     seed: int = setting(0, "seed of init and data order")
@@ -196,7 +197,7 @@ class Config:
     val_slice_windows: int = setting(0, "also score the reference code's validation slice at every eval: the first N stride-1 windows of the val split (its 20 batches: 1280 at batch 64), as slice_val_loss / slice_val_acc; 0 = off", check="nonneg")
     # runtime
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = setting("bf16", "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)", choices=("bf16", "fp32"))
+    dtype: str = setting("bf16", "autocast dtype of matmuls: bf16 or fp32 (weights stay fp32)", choices=tuple(DTYPES))
     compile: bool = setting(True, "torch.compile the model (CUDA only)")
     eval_every: int = setting(125, "evaluate every N steps and at the end (0: only at the end)", check="nonneg")
     eval_at_start: bool = setting(False, "also evaluate at step 0, before training (the 145M scripts do)")
@@ -365,14 +366,14 @@ class GPT(nn.Module):
             for W in list(b.attn.qkv) + [b.mlp.fc]:
                 if cfg.hidden_init == "ns_uniform":  # the scripts' uniform bound sqrt(3) x 0.5 / sqrt(d_in), then their NS
                     W.uniform_(-NANOGPT_INIT_STD * math.sqrt(3 / W.size(1)), NANOGPT_INIT_STD * math.sqrt(3 / W.size(1)))
-                    W.copy_(msign(W, len(NANOGPT_NS), torch.float32 if cfg.dtype == "fp32" else torch.bfloat16, "reference"))
+                    W.copy_(msign(W, len(NANOGPT_NS), DTYPES[cfg.dtype], "reference"))
                 else:
                     nn.init.orthogonal_(W)
                 W.mul_(gain * rms_scale(W))
             b.attn.proj.zero_()
             b.mlp.proj.zero_()
         nn.init.normal_(self.embed.weight)
-        if cfg.arch != "baseline" and cfg.embed_cap == "project":
+        if cfg.arch not in UNCONSTRAINED_ARCHS and cfg.embed_cap == "project":
             self.embed.weight.copy_(project_rows(self.embed.weight, cfg.emb_w_max))
         self.head.zero_()
 
@@ -480,8 +481,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def __init__(self, params_groups, cfg: Config, shares: dict | None = None):
         super().__init__(params_groups, dict(lr=0.0, w_max=cfg.w_max, constraint=cfg.constraint, momentum=cfg.momentum))
         self.cfg, self.shares = cfg, shares or {}
-        self.ns_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
-        self.cap_dtype = torch.bfloat16 if cfg.soft_cap_dtype == "bf16" else torch.float32
+        self.ns_dtype, self.cap_dtype = DTYPES[cfg.dtype], DTYPES[cfg.soft_cap_dtype]
         self.mark = lambda name: None  # timer hook (bench_step.py): mark("update") before each projection, mark("constraint") after
 
     @torch.no_grad()
@@ -708,7 +708,7 @@ def project_rows(W: torch.Tensor, cap: float) -> torch.Tensor:
     touched never move."""
     rms = torch.linalg.vector_norm(W, dim=-1, keepdim=True, dtype=torch.float64) / math.sqrt(W.size(-1))
     factor = (cap * (1 - 2 * torch.finfo(W.dtype).eps) / rms).to(W.dtype)
-    return torch.where(rms > cap, W * factor, W)
+    return W * torch.where(rms > cap, factor, 1.0)  # x 1.0: the other rows' bits
 
 
 # -----------------------------------------------------------------------------
@@ -2269,7 +2269,7 @@ class Run:
             if rank == 0:
                 self.logf = write_run_files(cfg, self.run_dir, self.resume_path, f"world_size:{world} grad_accum:{self.accum} "
                                             f"rows_per_micro:{self.rows} resume:{self.resume_path or '-'}")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+        self.autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype],
                                        enabled=cfg.dtype == "bf16")
         self.fwd = torch.compile(self.model) if (cfg.compile and device.type == "cuda") else self.model
         if rank == 0:

@@ -49,7 +49,7 @@ sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402
 
 DEFAULT_CONSTRAINTS = "soft_cap,spectral_normalize,hard_cap"
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = tg.DTYPES
 # CPU targets of our bf16 step (configs/shakespeare_char.toml, batch 64 x 256, as in the docstring):
 # tokens/s against the plain recipe in fp32 and bf16, and the optimizer's share of the step.
 TARGET_VS_PLAIN_FP32, TARGET_VS_PLAIN_BF16, TARGET_OPT_FRACTION = 1.5, 1.1, 0.10
