@@ -1,5 +1,6 @@
 """Shared fixtures: the repo on sys.path, the real Shakespeare shards, generated tiny shards."""
 
+import json
 import os
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def one_thread():
 @pytest.fixture
 def tiny_shards(tmp_path):
     return make_shards(str(tmp_path / "data"))
+
+
+def read_metrics(run_dir, key=None) -> list:
+    """The records of run_dir/metrics.jsonl in order: all, or those with `key`. Eval records carry the
+    train_loss too, so key="train_loss" gives the training lines only (those without a val_loss)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh]
+    return [r for r in recs if key is None or (key in r and (key != "train_loss" or "val_loss" not in r))]
 
 
 def file_states(d):

@@ -18,7 +18,6 @@ Measured tolerances (tiny fp32 model, 6-10 steps, 2 CPU cores):
   the broken gradient.
 """
 
-import json
 import os
 import re
 import signal
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, make_shards, tiny_args
+from conftest import REPO, make_shards, read_metrics, tiny_args
 from proc_helpers import free_port, join_ranks, run_ranks, start_ranks
 
 
@@ -49,12 +48,11 @@ def launch(world, data, out, **over):
 
 
 def train_losses(run_dir):
-    recs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [r["train_loss"] for r in recs if "val_loss" not in r]
+    return [r["train_loss"] for r in read_metrics(run_dir, "train_loss")]
 
 
 def val_records(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"val_loss"' in line]
+    return read_metrics(run_dir, "val_loss")
 
 
 def weights(path):

@@ -7,7 +7,6 @@ smaller differences (RoPE, Newton-Schulz coefficients, init, embedding cap, soft
 init_weights and stop_after. All on CPU in fp32 with tiny models.
 """
 
-import json
 import dataclasses
 import math
 import os
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import tiny_args
+from conftest import read_metrics, tiny_args
 from data.shards import write_shard
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -279,25 +278,20 @@ def pipeline_args(data, out, **over):
     return tiny_args(data, out, **cfg)
 
 
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
 def test_sequential_resume_is_bitwise_exact(doc_shards, tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert tg.main(pipeline_args(doc_shards, a)) == 0
     assert tg.main(pipeline_args(doc_shards, b, stop_after=4, save_every=2)) == 0
     c = str(tmp_path / "c")
     assert tg.main(pipeline_args(doc_shards, c, resume=os.path.join(b, "ckpt_step000002.pt"))) == 0
-    full = {(r["step"], k): r[k] for r in metrics(a) for k in ("train_loss", "val_loss") if r.get(k) is not None}
-    resumed = {(r["step"], k): r[k] for r in metrics(c) for k in ("train_loss", "val_loss") if r.get(k) is not None}
+    full = {(r["step"], k): r[k] for r in read_metrics(a) for k in ("train_loss", "val_loss") if r.get(k) is not None}
+    resumed = {(r["step"], k): r[k] for r in read_metrics(c) for k in ("train_loss", "val_loss") if r.get(k) is not None}
     assert resumed and all(full[key] == v for key, v in resumed.items())
     assert {s for s, _ in resumed} >= {3, 4, 5, 6}
     wa, wc = (tg.load_checkpoint(os.path.join(d, "ckpt_final.pt"))["model"] for d in (a, c))
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
     # stop_after: the same first 4 steps as the full run (schedules follow num_steps), an eval and a final checkpoint at 4
-    early = {(r["step"], k): r[k] for r in metrics(b) for k in ("train_loss", "val_loss") if r.get(k) is not None}
+    early = {(r["step"], k): r[k] for r in read_metrics(b) for k in ("train_loss", "val_loss") if r.get(k) is not None}
     assert early[(4, "val_loss")] and all(full[key] == v for key, v in early.items() if key != (4, "val_loss"))
     assert tg.load_checkpoint(os.path.join(b, "ckpt_final.pt"))["step"] == 4
     capsys.readouterr()
@@ -311,8 +305,8 @@ def test_two_ranks_read_the_reference_layout_and_equal_one_process(doc_shards, t
     assert tg.main(pipeline_args(doc_shards, one, num_steps=4, debug="true")) == 0
     rcs, logs = run_ranks(2, pipeline_args(doc_shards, two, num_steps=4, debug="true"), two + "_logs")
     assert rcs == [0, 0], "\n".join(logs)
-    train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "val_loss" not in r]  # noqa: E731
-    val = lambda d: [(r["step"], r["val_loss"]) for r in metrics(d) if "val_loss" in r]  # noqa: E731
+    train = lambda d: [(r["step"], r["train_loss"]) for r in read_metrics(d) if "val_loss" not in r]  # noqa: E731
+    val = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d) if "val_loss" in r]  # noqa: E731
     assert train(one) == train(two) and len(train(one)) == 4
     assert [s for s, _ in val(one)] == [s for s, _ in val(two)] == [0, 3, 4]  # float64 sums over ranks: order may differ
     assert all(a == pytest.approx(b, rel=1e-12) for (_, a), (_, b) in zip(val(one), val(two)))
@@ -326,7 +320,7 @@ def test_eval_protocol_scores_long_masked_sequences(doc_shards, tmp_path, capsys
     out = str(tmp_path / "r")
     assert tg.main(pipeline_args(doc_shards, out, num_steps=60, stop_after=3)) == 0
     capsys.readouterr()
-    recs = [r for r in metrics(out) if "val_loss" in r]
+    recs = [r for r in read_metrics(out) if "val_loss" in r]
     assert [r["step"] for r in recs] == [0, 3]
     ck = tg.load_checkpoint(os.path.join(out, "ckpt_final.pt"))
     cfg = tg.config_from_checkpoint(ck)
@@ -357,13 +351,13 @@ def test_init_weights_are_loaded_before_step_0(doc_shards, tmp_path, capsys):
     out = str(tmp_path / "r")
     assert tg.main(pipeline_args(doc_shards, out, init_weights=str(tmp_path / "init.pt"), stop_after=1)) == 0
     capsys.readouterr()
-    step0 = [r for r in metrics(out) if r.get("step") == 0][0]
+    step0 = [r for r in read_metrics(out) if r.get("step") == 0][0]
     val = tg.load_val_tokens(cfg.val_bin, cfg.val_tokens, 512, 64)
     want = tg.evaluate(src, val, cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), 1, seq_len=512, step=0)
     assert step0["val_loss"] == want["val_loss"]
     torch.save(sd, str(tmp_path / "plain.pt"))  # a plain state dict works too
     assert tg.main(pipeline_args(doc_shards, str(tmp_path / "p"), init_weights=str(tmp_path / "plain.pt"), stop_after=1)) == 0
-    assert [r for r in metrics(str(tmp_path / "p")) if r.get("step") == 0][0]["val_loss"] == want["val_loss"]
+    assert [r for r in read_metrics(str(tmp_path / "p")) if r.get("step") == 0][0]["val_loss"] == want["val_loss"]
     capsys.readouterr()
     bad = dict(sd)
     bad["head"] = bad["head"][:, :16]

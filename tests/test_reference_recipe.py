@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lipschitz_bound as lb
 import train_gpt as tg
-from conftest import tiny_args
+from conftest import read_metrics, tiny_args
 
 
 def cfg_of(**over):
@@ -282,7 +282,7 @@ def test_reference_configs_train_and_score_both_protocols(tiny_shards, tmp_path,
         args = ["--config", os.path.join(repo, "configs", "paper", f"{name}.toml")] + tiny_args(
             tiny_shards, out, val_slice_windows=16, eval_every=3, num_steps=6, ns_steps=6)
         assert tg.main(args) == 0
-        rec = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"val_loss"' in line]
+        rec = read_metrics(out, "val_loss")
         assert [r["step"] for r in rec] == [3, 6] and all(math.isfinite(r["slice_val_loss"]) for r in rec)
         cfg = json.load(open(os.path.join(out, "config.json")))
         assert cfg["lr_alloc"] == "modula" and cfg["embed_update"] == "rownorm" and not cfg["nesterov"]

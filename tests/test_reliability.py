@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import file_states, make_shards, tiny_args
+from conftest import file_states, make_shards, read_metrics, tiny_args
 from data import shards
 from proc_helpers import start
 
@@ -50,13 +50,8 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def records(run_dir, key):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [r for r in map(json.loads, fh) if key in r and (key != "train_loss" or "val_loss" not in r)]
-
-
 def losses(run_dir):
-    return [(r["step"], r["train_loss"]) for r in records(run_dir, "train_loss")]
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir, "train_loss")]
 
 
 def one_error_line(err):
@@ -102,7 +97,7 @@ def test_resume_is_bitwise_exact(case, data, tmp_path, capsys):
     assert same_weights(final_weights(a), final_weights(b))  # saving changes nothing
     assert same_weights(final_weights(a), final_weights(c))  # resuming changes nothing
     assert losses(b) == losses(a) and losses(c) == losses(a)[2:]
-    assert [r["val_loss"] for r in records(c, "val_loss")] == [r["val_loss"] for r in records(a, "val_loss")]
+    assert [r["val_loss"] for r in read_metrics(c, "val_loss")] == [r["val_loss"] for r in read_metrics(a, "val_loss")]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

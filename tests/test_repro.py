@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, file_states, make_shards, tiny_args
+from conftest import REPO, file_states, make_shards, read_metrics, tiny_args
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import plot_frontier  # noqa: E402
@@ -355,7 +355,7 @@ def test_toy_sweep_end_to_end(tmp_path):
         cert = json.loads((run / "certificate.json").read_text())
         tight = cert["modes"]["tight"]["log10_bound"]
         assert math.isfinite(tight)
-        final = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m][-1]
+        final = read_metrics(run, "val_loss")[-1]
         row = next(line for line in table if f"| {w} |" in line)
         assert f"10^{tight:.2f}" in row and f"{final['val_loss']:.4f}" in row and f"{final['val_acc']:.4f}" in row
         # every matrix respected its cap, which binds (the measured norms of the final eval)
@@ -426,7 +426,7 @@ def test_baseline_arch_trains_and_logs_activations(tmp_path):
     args = tiny_args(data, out, arch="baseline", constraint="none", optimizer="adamw", lr_hidden=3e-3, lr_head=3e-3,
                      lr_embed=3e-3, emb_w_max=1e9, num_steps=6, eval_every=3)
     assert train_gpt.main(args) == 0
-    lines = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "val_loss" in m]
+    lines = read_metrics(out, "val_loss")
     assert [m["step"] for m in lines] == [3, 6]
     for m in lines:
         assert math.isfinite(m["max_act_entry"]) and m["max_act_entry"] > 0 and math.isfinite(m["val_loss"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, file_states, tiny_args
+from conftest import REPO, file_states, read_metrics, tiny_args
 from data import shards
 
 
@@ -216,8 +216,7 @@ def test_tiny_run_writes_a_self_describing_run_dir(tiny_shards, tmp_path):
         assert os.path.exists(os.path.join(out, f)), f
     model, cfg, ck = tg.model_from_checkpoint(os.path.join(out, "ckpt_final.pt"))
     assert cfg.d_model == 32 and ck["step"] == 6 and (cfg.w_max, cfg.head_w_max) == (0.3, 0.15)
-    import json
-    evals = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"norms"' in line]
+    evals = read_metrics(out, "norms")
     m = evals[-1]
     assert [e["step"] for e in evals] == [2, 4, 6]
     assert {"step", "train_loss", "val_loss", "val_acc", "max_act_entry", "max_act_rms", "norms"} <= set(m)
@@ -297,6 +296,5 @@ def test_the_trainer_steps_with_the_scheduled_lr_and_momentum(tiny_shards, tmp_p
         assert mat_lrs == pytest.approx([0.04 * frac[step], 0.02 * frac[step]], abs=1e-12), step  # hidden, head
         assert moms == pytest.approx([mom[step]] * 2, abs=1e-12), step
         assert adam_lrs == pytest.approx([0.1 * frac[step]], abs=1e-12), step  # the embedding
-    import json
-    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"lr_frac"' in line]
+    logged = read_metrics(out, "lr_frac")
     assert [r["lr_frac"] for r in logged] == pytest.approx(frac, abs=1e-12)
