@@ -555,12 +555,15 @@ def project(W: torch.Tensor, name: str, w_max: float, lr=0.0, wd: float = 0.0, u
     RMS->RMS-scaled form M = W / sqrt(d_out/d_in) so that w_max caps the RMS->RMS norm. What the methods
     need comes with it: this step's lr and wd, the soft cap's strength for updates of norm <= update_norm
     (computed in `dtype`), and for the power-iteration methods `iters` products from start vectors v.
-    Returns the new W and the new power-iteration vectors (None when the method uses none)."""
+    Returns the new W and the new power-iteration vectors (None when the method uses none). Entries the
+    method left as they were keep W's own bits: (W / s) s is not W in floating point unless s is a power
+    of 2 (the head's s = sqrt(50304 / 768) is not), so a matrix within its cap would otherwise move by a
+    rounding step at every step."""
     scale = rms_scale(W)
     M = W / scale
     args = constraint_args(name, M, w_max, lr, wd, v, iters, update_norm, dtype)
-    M = CONSTRAINTS[name](M.float(), args)
-    return (M * scale).to(W.dtype), args.v
+    out = CONSTRAINTS[name](M.float(), args)
+    return torch.where(out == M, W, (out * scale).to(W.dtype)), args.v
 
 
 @dataclass

@@ -380,6 +380,21 @@ def test_caps_leave_matrices_within_the_cap_bitwise(method):
     assert float(svals(Y[2]).max()) <= 1.0 + TOL and float(svals(Y[2]).max()) >= 1.0 - TOL
 
 
+@pytest.mark.parametrize("method", ["none", "hard_cap", "svd_clip"])
+def test_project_returns_a_within_cap_head_bitwise(method):
+    """project() scales by sqrt(d_out/d_in) and back; for a head-shaped 65 x 256 stack (scale sqrt(65/256),
+    not a power of 2, where (W / s) s differs from W in ~1% of the entries) a matrix the method leaves alone
+    comes back with W's own bits, and one above the cap is capped."""
+    rng = np.random.default_rng(3)
+    s = math.sqrt(65 / 256)
+    W = torch.stack([make(65, 256, s * 0.7 * rng.random(65), seed=1), make(65, 256, s * np.linspace(0.5, 3.0, 65), seed=2)])
+    Y, _ = tg.project(W, method, 1.0)
+    assert torch.equal(Y[0], W[0])
+    if method != "none":
+        assert float(svals(Y[1] / s).max()) <= 1.0 + TOL
+    assert not torch.equal(W[0], (W[0] / s) * s)  # the round trip project() must not take
+
+
 # --- QK-Clip ---------------------------------------------------------------------------------------
 
 def test_qk_clip_lowers_only_the_exploding_head():
