@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from test_nanogpt_pipeline import DOC, doc_shards, metrics, pipeline_args  # noqa: F401 (fixture)
+from conftest import read_metrics
+from test_nanogpt_pipeline import DOC, doc_shards, pipeline_args  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
@@ -194,10 +195,10 @@ def test_speedrun_run_resumes_bitwise_and_logs_activations(doc_shards, tmp_path,
     assert tg.main(pipeline_args(doc_shards, a, **over)) == 0
     assert tg.main(pipeline_args(doc_shards, b, stop_after=4, save_every=2, **over)) == 0
     assert tg.main(pipeline_args(doc_shards, c, resume=os.path.join(b, "ckpt_step000002.pt"), **over)) == 0
-    full = {(r["step"], k): r[k] for r in metrics(a) for k in ("train_loss", "val_loss") if r.get(k) is not None}
-    resumed = {(r["step"], k): r[k] for r in metrics(c) for k in ("train_loss", "val_loss") if r.get(k) is not None}
+    full = {(r["step"], k): r[k] for r in read_metrics(a) for k in ("train_loss", "val_loss") if r.get(k) is not None}
+    resumed = {(r["step"], k): r[k] for r in read_metrics(c) for k in ("train_loss", "val_loss") if r.get(k) is not None}
     assert {s for s, _ in resumed} >= {3, 6} and all(full[key] == v for key, v in resumed.items())
-    last = [r for r in metrics(a) if r.get("val_loss") is not None][-1]
+    last = [r for r in read_metrics(a) if r.get("val_loss") is not None][-1]
     assert math.isfinite(last["val_loss"]) and last["max_act_entry"] > 0 and 0 < last["max_logit"] < 30  # logits in (0, 2c)
     model, cfg, _ = tg.model_from_checkpoint(os.path.join(a, "ckpt_final.pt"))
     assert isinstance(model, tg.SpeedrunGPT)
